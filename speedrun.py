@@ -1,0 +1,875 @@
+"""Speedrun trainer for the Tiny ViT of "Powerful Design of Small Vision Transformer on CIFAR10".
+
+One file, read top to bottom: config and variants -> model -> optimisation -> training loop -> CLI.
+The data set lives on the training device as uint8 and is augmented there (data_gpu.py); fused
+kernels sit behind one dispatch point (kernels/). `python speedrun.py --help` lists every flag.
+"""
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data_gpu
+import kernels
+
+NUM_CLASSES = 10
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and variants
+
+def _f(default, help, **meta):
+    """A config field whose help text becomes its --flag's help."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class Config:
+    # model (REFERENCE.md's baseline "Tiny ViT")
+    variant: str = _f("baseline", "preset name(s), comma-separated; later presets win", cli=False)
+    width: int = _f(192, "token width (embedding dimension)")
+    depth: int = _f(9, "number of transformer blocks")
+    heads: int = _f(12, "attention heads per block")
+    mlp_ratio: float = _f(2.0, "MLP hidden width / token width")
+    patch_size: int = _f(4, "patch side in pixels (32/patch_size patches per side)")
+    num_cls: int = _f(1, "number of CLS tokens; the head reads all their final states concatenated")
+    drop_path: float = _f(0.1, "stochastic depth rate of the last block (rises linearly from 0)")
+    pos_emb: str = _f("learned", "position embedding", choices=("learned", "sin"))
+    patch_embed: str = _f("conv", "patch embedding: 4x4 conv, or Shifted Patch Tokenization",
+                          choices=("conv", "spt"))
+    whiten: bool = _f(False, "initialise patch filters from the whitening eigenvectors of patches")
+    mla: str = _f("", "projections made low-rank (any of q, k, v), e.g. 'q' or 'qkv'")
+    latent_dim: int = _f(64, "latent width of the low-rank (MLA) projections")
+    lsa: bool = _f(False, "Locality Self-Attention: mask self-attention, learnable temperature")
+    cait_blocks: int = _f(0, "the last N blocks become class-attention blocks (CaiT)")
+    pool: str = _f("cls", "what the head reads: CLS tokens, or the mean of patch tokens",
+                   choices=("cls", "gap"))
+    # data and augmentation (data_gpu.py)
+    autoaugment: bool = _f(True, "AutoAugment CIFAR-10 policy, per image")
+    erase_prob: float = _f(0.25, "random-erasing probability per image")
+    mix_prob: float = _f(0.5, "probability that a batch is mixed (CutMix or MixUp)")
+    mixup: bool = _f(True, "allow MixUp for mixed batches")
+    cutmix: bool = _f(True, "allow CutMix for mixed batches")
+    passes_per_epoch: int = _f(3, "shuffled passes over the 50k images per epoch (repeated aug.)")
+    # optimisation
+    optimizer: str = _f("adamw", "optimizer", choices=("adamw", "lion"))
+    lr: float = _f(2e-3, "peak learning rate (the paper's text: 2e-3)")
+    weight_decay: float = _f(0.05, "decoupled weight decay on weight matrices")
+    batch_size: int = _f(256, "global batch size (split across processes under torchrun)")
+    epochs: float = _f(100, "epochs, each passes_per_epoch passes over the training set")
+    warmup_epochs: float = _f(10, "linear warm-up length, as a share of epochs")
+    min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
+    label_smoothing: float = _f(0.1, "label smoothing")
+    # run
+    max_steps: int = _f(0, "stop after this many steps (0: run all epochs); schedule spans them")
+    time_budget: float = _f(0.0, "seconds for the whole run incl. start-up and final eval (0: none)")
+    seed: int = _f(0, "random seed (model init, data order, augmentation)")
+    device: str = _f("auto", "cuda, cpu, or auto (CUDA when present)")
+    precision: str = _f("auto", "compute precision; auto: bf16 autocast on CUDA, fp32 on CPU",
+                        choices=("auto", "fp32", "bf16"))
+    compile: str = _f("auto", "torch.compile the model; auto: on for CUDA, off on CPU",
+                      choices=("auto", "on", "off"))
+    kernels: str = _f("auto", "attention/low-rank kernels: Triton on CUDA (auto) or PyTorch",
+                      choices=("auto", "triton", "torch"))
+    eval_every: float = _f(10, "evaluate on the 10k test images every N epochs (and at the end)")
+    log_every: int = _f(50, "log loss/throughput every N steps (the only host syncs)")
+    data: str = _f("", "cifar-10-python.tar.gz or cifar-10-batches-py/ (default: ./data, "
+                       "downloaded if missing)")
+    out: str = _f("", "output folder (default: runs/<variant>-<time>)")
+    nan_policy: str = _f("stop", "on a non-finite loss: stop, or skip the step (syncs every step)",
+                         choices=("stop", "skip"))
+
+
+@dataclass(frozen=True)
+class Variant:
+    about: str
+    overrides: dict
+    paper_acc: float = None      # Table 2/3 of the paper, 100 epochs
+    paper_runtime_s: float = None  # RTX 3090
+
+
+VARIANTS = {
+    "baseline": Variant("the paper's Tiny ViT: width 192, depth 9, 12 heads, 1 CLS", {}, 93.65, 4658),
+    "no-aa": Variant("no AutoAugment", {"autoaugment": False}, 92.14, 4684),
+    "no-mixup": Variant("no MixUp (CutMix alone at p 0.5)", {"mixup": False}, 93.68, 4656),
+    "no-cutmix": Variant("no CutMix (MixUp alone at p 0.5)", {"cutmix": False}, 92.77, 4651),
+    "sin": Variant("fixed 2-D sin-cos position embedding", {"pos_emb": "sin"}, 93.43, 4687),
+    "whiten": Variant("patch filters from patch-whitening eigenvectors", {"whiten": True},
+                      93.28, 4676),
+    "mla-q": Variant("low-rank q projection", {"mla": "q"}, 93.32, 4716),
+    "mla-k": Variant("low-rank k projection", {"mla": "k"}, 92.50, 4711),
+    "mla-qk": Variant("low-rank q and k", {"mla": "qk"}, 92.42, 4785),
+    "mla-kv": Variant("low-rank k and v", {"mla": "kv"}, 92.43, 4756),
+    "mla-qkv": Variant("low-rank q, k and v", {"mla": "qkv"}, 91.80, 4805),
+    "bs1024": Variant("batch 1024, lr kept at 2e-3 (the paper's DDP rows kept the recipe; "
+                      "linear scaling to 8e-3 destabilises AdamW ViTs)", {"batch_size": 1024},
+                      92.09, 1371),
+    "lion": Variant("Lion optimizer, batch 1024, lr 2e-4 (/10) and wd 0.5 (x10) per the Lion paper",
+                    {"optimizer": "lion", "batch_size": 1024, "lr": 2e-4, "weight_decay": 0.5},
+                    92.38, 1545),
+    "dim96": Variant("width 96 (head dim 8), 1 CLS", {"width": 96}, 90.41),
+    "mcls": Variant("width 96, 2 CLS tokens concatenated into the head",
+                    {"width": 96, "num_cls": 2}, 93.95),
+    "spt": Variant("Shifted Patch Tokenization (Lee et al.)", {"patch_embed": "spt"}),
+    "lsa": Variant("Locality Self-Attention: no self-attention, learnable temperature",
+                   {"lsa": True}),
+    "cait": Variant("last 2 blocks are class-attention blocks (CaiT)", {"cait_blocks": 2}),
+    "gap": Variant("head reads the mean of patch tokens, no CLS (BinaryViT)",
+                   {"pool": "gap", "num_cls": 0}),
+}
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# fields that shape the model or recipe: a resumed run may not change them
+RUN_FIELDS = {"max_steps", "time_budget", "device", "precision", "compile", "kernels", "eval_every",
+              "log_every", "data", "out", "nan_policy"}
+
+
+def resolve_config(variant: str = "baseline", **overrides) -> Config:
+    """Presets compose left to right ('mcls,mla-q'), then explicit overrides win."""
+    names = [v.strip() for v in variant.split(",") if v.strip()] or ["baseline"]
+    values = {}
+    for name in names:
+        if name not in VARIANTS:
+            close = difflib.get_close_matches(name, VARIANTS, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UsageError(f"unknown variant {name!r}{hint} (see --list-variants)")
+        values.update(VARIANTS[name].overrides)
+    unknown = set(overrides) - set(CONFIG_FIELDS)
+    if unknown:
+        raise UsageError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    values.update(overrides)
+    cfg = Config(variant=",".join(names), **values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    checks = [
+        (cfg.batch_size > 0, f"--batch-size must be positive (got {cfg.batch_size})"),
+        (cfg.batch_size % world_size == 0,
+         f"--batch-size {cfg.batch_size} is not divisible by the {world_size} processes"),
+        (cfg.lr >= 0 and cfg.min_lr >= 0, "--lr and --min-lr must not be negative"),
+        (cfg.weight_decay >= 0, "--weight-decay must not be negative"),
+        (cfg.epochs > 0, "--epochs must be positive"),
+        (cfg.max_steps >= 0 and cfg.time_budget >= 0, "--max-steps/--time-budget must be >= 0"),
+        (cfg.width > 0 and cfg.depth > 0 and cfg.heads > 0, "width, depth, heads must be positive"),
+        (cfg.width % cfg.heads == 0, f"--width {cfg.width} is not divisible by --heads {cfg.heads}"),
+        (32 % cfg.patch_size == 0 and cfg.patch_size % 2 == 0, "--patch-size must be even and divide 32"),
+        (set(cfg.mla) <= set("qkv"), f"--mla takes letters from 'qkv' (got {cfg.mla!r})"),
+        (cfg.latent_dim > 0, "--latent-dim must be positive"),
+        (cfg.num_cls >= (0 if cfg.pool == "gap" else 1), "--num-cls must be >= 1 with CLS pooling"),
+        (0 <= cfg.cait_blocks <= cfg.depth, "--cait-blocks must be between 0 and --depth"),
+        (cfg.cait_blocks == 0 or cfg.num_cls >= 1, "class-attention blocks need a CLS token"),
+        (cfg.pos_emb != "sin" or cfg.width % 4 == 0, "sin position embedding needs width % 4 == 0"),
+        (0 <= cfg.drop_path < 1 and 0 <= cfg.erase_prob <= 1 and 0 <= cfg.mix_prob <= 1,
+         "probabilities must be in [0, 1)"),
+        (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+        (cfg.log_every > 0 and cfg.eval_every > 0 and cfg.passes_per_epoch > 0,
+         "--log-every, --eval-every and --passes-per-epoch must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: Tiny ViT (timm-style modules, names as in the paper)
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.p
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+
+class LowRank(nn.Module):
+    """MLA projection: down to latent_dim without bias, up to width with bias."""
+
+    def __init__(self, width: int, latent_dim: int):
+        super().__init__()
+        self.down = nn.Linear(width, latent_dim, bias=False)
+        self.up = nn.Linear(latent_dim, width)
+
+    def forward(self, x):
+        return kernels.lowrank_linear(x, self.down.weight, self.up.weight, self.up.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads, mla="", latent_dim=64, lsa=False):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.dense_names = [n for n in "qkv" if n not in mla]
+        # dense projections share one matmul (same parameters as separate q/k/v Linears)
+        self.qkv = nn.Linear(width, width * len(self.dense_names)) if self.dense_names else None
+        self.low_rank = nn.ModuleDict({n: LowRank(width, latent_dim) for n in "qkv" if n in mla})
+        self.proj = nn.Linear(width, width)
+        self.lsa = lsa
+        if lsa:  # LSA: learnable temperature, initialised at the usual 1/sqrt(head_dim)
+            self.scale = nn.Parameter(torch.tensor(self.head_dim ** -0.5))
+        else:
+            self.scale = self.head_dim ** -0.5
+
+    def forward(self, x, num_query: int = 0):
+        """num_query > 0: only the first num_query tokens ask (class attention)."""
+        B, N, C = x.shape
+        proj = dict(zip(self.dense_names, self.qkv(x).chunk(len(self.dense_names), -1))) \
+            if self.qkv is not None else {}
+        proj.update({n: m(x) for n, m in self.low_rank.items()})
+        q, k, v = (proj[n].view(B, N, self.heads, self.head_dim).transpose(1, 2) for n in "qkv")
+        if num_query:
+            q = q[:, :, :num_query]
+        out = kernels.attention(q, k, v, self.scale, diag_mask=self.lsa)
+        return self.proj(out.transpose(1, 2).reshape(B, q.shape[2], C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block. A class-attention block (CaiT) updates only the CLS tokens."""
+
+    def __init__(self, cfg: Config, drop_path: float, class_attention: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.attn = Attention(cfg.width, cfg.heads, cfg.mla, cfg.latent_dim, cfg.lsa)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+        self.num_query = cfg.num_cls if class_attention else 0
+
+    def forward(self, x):
+        if self.num_query:
+            cls = x[:, :self.num_query]
+            cls = cls + self.drop_path(self.attn(self.norm1(x), self.num_query))
+            cls = cls + self.drop_path(self.mlp(self.norm2(cls)))
+            return torch.cat([cls, x[:, self.num_query:]], 1)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ShiftedPatchTokenization(nn.Module):
+    """SPT: the image and its 4 diagonal half-patch shifts (15 channels), patch-flattened,
+    LayerNorm, linear."""
+
+    def __init__(self, width, patch_size):
+        super().__init__()
+        self.p = patch_size
+        dim = 15 * patch_size * patch_size
+        self.norm, self.proj = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, width)
+
+    def forward(self, x):
+        s, (B, _, H, W) = self.p // 2, x.shape
+        padded = F.pad(x, (s, s, s, s))
+        shifts = [padded[..., dy:dy + H, dx:dx + W] for dy, dx in ((0, 0), (0, 2 * s), (2 * s, 0),
+                                                                   (2 * s, 2 * s))]
+        x = torch.cat([x] + shifts, 1)  # (B, 15, H, W)
+        p = self.p
+        x = x.view(B, 15, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, 15 * p * p)
+        return self.proj(self.norm(x))
+
+
+def sincos_pos_embed(width: int, grid: int, num_cls: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding: half the channels encode the row, half the column; CLS rows 0."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for coord in (ys, xs):
+        angle = coord.reshape(-1, 1).double() * omega
+        parts += [angle.sin(), angle.cos()]
+    pe = torch.cat(parts, 1).float()
+    return torch.cat([torch.zeros(num_cls, width), pe]).unsqueeze(0)
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        grid = 32 // cfg.patch_size
+        if cfg.patch_embed == "spt":
+            self.patch_embed = ShiftedPatchTokenization(cfg.width, cfg.patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, cfg.num_cls, cfg.width))
+        num_tokens = cfg.num_cls + grid * grid
+        if cfg.pos_emb == "sin":  # a buffer: never trained, saved with the model
+            self.register_buffer("pos_embed", sincos_pos_embed(cfg.width, grid, cfg.num_cls))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, cfg.width))
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        first_ca = cfg.depth - cfg.cait_blocks
+        self.blocks = nn.ModuleList(Block(cfg, r, class_attention=i >= first_ca)
+                                    for i, r in enumerate(rates))
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        head_in = cfg.width * (cfg.num_cls if cfg.pool == "cls" else 1)
+        self.head = nn.Linear(head_in, NUM_CLASSES)
+        self.apply(_init_weights)
+        for p in (self.cls_token, self.pos_embed):
+            if isinstance(p, nn.Parameter):
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        if x.dim() == 4:  # conv output (B, C, h, w) -> tokens (B, h*w, C)
+            x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        n = self.cfg.num_cls
+        feats = x[:, :n].flatten(1) if self.cfg.pool == "cls" else x[:, n:].mean(1)
+        return self.head(feats)
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def build_model(cfg: Config) -> ViT:
+    return ViT(cfg)
+
+
+@torch.no_grad()
+def whiten_patch_embed(model: ViT, images_u8: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set the first 48 patch filters to the whitening eigenvectors of 4x4x3 patches, scaled by
+    1/sqrt(eigenvalue + eps): their outputs over such patches are decorrelated from step 0."""
+    conv = model.patch_embed
+    p = model.cfg.patch_size
+    patches = F.unfold(data_gpu.normalize(images_u8).double(), p, stride=p).transpose(1, 2)
+    patches = patches.reshape(-1, patches.shape[-1])
+    patches = patches - patches.mean(0)
+    eigval, eigvec = torch.linalg.eigh(patches.T @ patches / (patches.shape[0] - 1))
+    filters = (eigvec / (eigval + eps).sqrt()).T  # row i: eigenvector i, scaled
+    n = min(filters.shape[0], conv.out_channels)
+    conv.weight[:n] = filters[:n].reshape(n, 3, p, p).to(conv.weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation: AdamW/Lion, warm-up + cosine, soft-target cross-entropy
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device):
+    # decay weight matrices only: biases, norms, CLS and position tokens stay free
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and "token" not in n and "pos_embed" not in n]
+    rest = [p for n, p in named if not any(p is d for d in decay)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    if cfg.optimizer == "lion":
+        from lion_pytorch import Lion  # its Triton update runs on CUDA
+        return Lion(groups, lr=cfg.lr, use_triton=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def lr_at(progress: float, cfg: Config) -> float:
+    """Linear warm-up for warmup_epochs/epochs of the run, then cosine down to min_lr at 1.0."""
+    warm = min(cfg.warmup_epochs / cfg.epochs, 0.5)
+    if progress < warm:
+        return cfg.lr * progress / warm
+    t = min(1.0, (progress - warm) / max(1e-12, 1 - warm))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def soft_cross_entropy(logits, targets, smoothing: float):
+    """CE against (mixed) soft targets with label smoothing; linear in the targets, so it equals
+    lam*CE(y_a) + (1-lam)*CE(y_b) of the paper's code."""
+    targets = targets * (1 - smoothing) + smoothing / logits.shape[-1]
+    return -(targets * F.log_softmax(logits.float(), -1)).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, precision, processes
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r} (use auto, cpu or cuda)") from None
+
+
+def pick_precision(requested: str, device: torch.device):
+    """Autocast dtype, or None for fp32."""
+    if requested == "auto":
+        requested = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if requested == "bf16" else None
+
+
+def pick_compile(requested: str, device: torch.device) -> bool:
+    return requested == "on" or (requested == "auto" and device.type == "cuda")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on CUDA, Gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(dist.local_rank)
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return dist
+
+
+# ----------------------------------------------------------------------------------------------
+# Training step and evaluation
+
+class Trainer:
+    """Holds everything a step needs; `step(s, lr)` is the whole hot path (no host syncs)."""
+
+    def __init__(self, cfg: Config, data: dict, device: torch.device, dist: Dist = Dist()):
+        self.cfg, self.device, self.dist = cfg, device, dist
+        kernels.set_backend(cfg.kernels)
+        torch.manual_seed(cfg.seed)
+        self.data = {k: v.to(device) for k, v in data.items()}  # whole set resident as uint8
+        self.model = build_model(cfg).to(device)
+        if cfg.whiten:
+            whiten_patch_embed(self.model, self.data["train_x"][:5000])
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.amp_dtype = pick_precision(cfg.precision, device)
+        self.net = self.model
+        if dist.world_size > 1:
+            ids = [dist.local_rank] if device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if pick_compile(cfg.compile, device):
+            self.net = torch.compile(self.net)
+        n_train = self.data["train_x"].shape[0]
+        self.sampler = data_gpu.RepeatedPassSampler(n_train, cfg.batch_size, cfg.seed, device,
+                                                    dist.rank, dist.world_size)
+        self.total_steps = data_gpu.steps_for(cfg.epochs, cfg.batch_size, n_train,
+                                              cfg.passes_per_epoch)
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.steps_per_epoch = n_train * cfg.passes_per_epoch / cfg.batch_size
+        # per-rank augmentation randomness: device generator for per-image draws, host RNG
+        # for the per-batch mix decision (never depends on device values, so never syncs)
+        self.aug_gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + dist.rank)
+        self.host_rng = np.random.default_rng(cfg.seed * 1000 + dist.rank)
+        torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # drop-path masks differ per rank
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def batch(self, s: int):
+        cfg = self.cfg
+        idx = self.sampler.indices(s)
+        x = data_gpu.augment(self.data["train_x"][idx], self.aug_gen, autoaugment=cfg.autoaugment,
+                             erase_prob=cfg.erase_prob)
+        return data_gpu.mix(x, self.data["train_y"][idx], NUM_CLASSES, self.host_rng,
+                            mix_prob=cfg.mix_prob, cutmix=cfg.cutmix, mixup=cfg.mixup)
+
+    def step(self, s: int, lr: float, skip_nonfinite: bool = False):
+        """One optimisation step; returns the loss as a device tensor, or None if skipped."""
+        rf = torch.profiler.record_function
+        self.net.train()
+        with rf("data"):
+            x, targets = self.batch(s)
+        with rf("forward"), self.autocast():
+            loss = soft_cross_entropy(self.net(x), targets, self.cfg.label_smoothing)
+        with rf("backward"):
+            loss.backward()
+        with rf("optimizer"):
+            if skip_nonfinite and not torch.isfinite(loss):  # a sync, only under --nan-policy skip
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 1000):
+        """Test accuracy and loss; under torchrun each rank takes a slice, counts are summed."""
+        self.net.eval()
+        xs = self.data["test_x"][self.dist.rank::self.dist.world_size]
+        ys = self.data["test_y"][self.dist.rank::self.dist.world_size]
+        totals = torch.zeros(3, device=self.device, dtype=torch.float64)  # correct, loss, count
+        for i in range(0, xs.shape[0], batch_size):
+            x, y = data_gpu.normalize(xs[i:i + batch_size]), ys[i:i + batch_size]
+            with self.autocast():
+                logits = self.net(x).float()
+            totals += torch.stack([(logits.argmax(-1) == y).sum().double(),
+                                   F.cross_entropy(logits, y, reduction="sum").double(),
+                                   torch.tensor(float(y.numel()), device=self.device,
+                                                dtype=torch.float64)])
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        correct, loss, count = totals.tolist()
+        return {"test_acc": 100.0 * correct / count, "test_loss": loss / count}
+
+    # -- checkpoints: everything needed for a bit-exact continuation ---------------------------
+    def state_dict(self, step: int, elapsed: float, extra: dict):
+        state = {"config": dataclasses.asdict(self.cfg), "step": step, "elapsed": elapsed,
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                         "torch": torch.get_rng_state(), "aug": self.aug_gen.get_state(),
+                         "host": self.host_rng.bit_generator.state}, **extra}
+        if self.device.type == "cuda":
+            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        self.aug_gen.set_state(rng["aug"])
+        self.host_rng.bit_generator.state = rng["host"]
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write to a temporary file, then rename: the last good checkpoint survives any crash."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {path}: no checkpoint there (expected a run folder or ckpt.pt)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign file
+        raise UsageError(f"--resume {path}: unreadable checkpoint ({type(e).__name__})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: schedule, loop, logging, checkpoints
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """One status line with images/s and ETA; a fresh line per log when not on a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.tty = enabled, sys.stderr.isatty()
+
+    def show(self, text: str):
+        if self.enabled:
+            sys.stderr.write(("\r" + text.ljust(110)) if self.tty else text + "\n")
+            sys.stderr.flush()
+
+    def done(self):
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def prepare_out_dir(cfg: Config, resume: bool, overwrite: bool, main: bool) -> str:
+    out = cfg.out or os.path.join("runs", f"{cfg.variant.replace(',', '+')}-"
+                                          f"{time.strftime('%Y%m%d-%H%M%S')}")
+    holds_run = os.path.exists(os.path.join(out, "config.json"))
+    if holds_run and not (resume or overwrite):
+        raise UsageError(f"{out} already holds a run; pass --resume {out} to continue it or "
+                         f"--overwrite to replace it")
+    if main:
+        os.makedirs(out, exist_ok=True)
+        if overwrite and not resume:
+            for name in ("metrics.jsonl", "ckpt.pt", "summary.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
+    return out
+
+
+def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_only: bool = False,
+          clock=time.monotonic, start_time: float = None) -> dict:
+    """Train (or evaluate) one configuration; returns the summary dict."""
+    start_time = clock() if start_time is None else start_time
+    dist = init_distributed(cfg.device)
+    validate(cfg, dist.world_size)
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers run on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    log = print if dist.main else (lambda *a, **k: None)
+    data = data_gpu.load_cifar10(cfg.data or None, log=log)
+    trainer = Trainer(cfg, data, device, dist)
+    step, prior_elapsed = 0, 0.0
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+        step, prior_elapsed = resume_state["step"], resume_state["elapsed"]
+    if eval_only:
+        result = trainer.evaluate()
+        log(f"test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) "
+            f"at step {step}")
+        return result
+    out = prepare_out_dir(cfg, resume_state is not None, overwrite, dist.main)
+    if dist.main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if dist.main else None
+
+    def record(kind, **values):
+        if metrics:
+            metrics.write(json.dumps({"kind": kind, **values}) + "\n")
+            metrics.flush()
+
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    spe = trainer.steps_per_epoch
+    eval_steps = max(1, round(cfg.eval_every * spe))
+    ckpt_steps = max(1, round(spe))
+    total = trainer.total_steps
+    log(f"{cfg.variant}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
+        f"{total:,} steps of {cfg.batch_size} on {device} "
+        f"({'bf16' if trainer.amp_dtype else 'fp32'}, compile {pick_compile(cfg.compile, device)}, "
+        f"kernels {cfg.kernels}) -> {out}")
+
+    # time budget: the whole run (start-up and final eval included) ends when the budget does
+    budget_end = start_time + cfg.time_budget if cfg.time_budget else None
+    eval_reserve = 0.0
+    progress_bar = Progress(dist.main)
+    loss_sum, loss_count, skipped = torch.zeros((), device=device), 0, 0
+    train_start, last_log, last_log_step = clock(), clock(), step
+    sched_start_step, sched_start_time = step, clock()
+    result, stopped_by = {}, None
+
+    def progress_at(s):
+        p = (s + 1) / total
+        if budget_end is not None:
+            span = budget_end - eval_reserve - sched_start_time
+            p = max(p, (clock() - sched_start_time) / max(span, 1e-9))
+        return min(p, 1.0)
+
+    def checkpoint(s):
+        if dist.main:
+            save_checkpoint(trainer.state_dict(s, prior_elapsed + clock() - train_start,
+                                               {"skipped": skipped}), ckpt_path)
+
+    with StopRequest() as stop:
+        while step < total:
+            p = progress_at(step)
+            loss = trainer.step(step, lr_at(p, cfg), skip_nonfinite=cfg.nan_policy == "skip")
+            step += 1
+            if loss is None:
+                skipped += 1
+            else:
+                loss_sum += loss
+                loss_count += 1
+            if step == sched_start_step + 5 and budget_end is not None:
+                # reserve time for the final eval: forward-only costs about a third of a step
+                per_image = (clock() - sched_start_time) / (5 * cfg.batch_size)
+                eval_reserve = 1.0 + 0.5 * per_image * data["test_x"].shape[0]
+            done = p >= 1.0 or step >= total
+            # checkpoint steps are log steps too: a poisoned model is never saved
+            if step % cfg.log_every == 0 or step % ckpt_steps == 0 or done or stop.signum:
+                mean_loss = (loss_sum / max(loss_count, 1)).item()  # the host sync
+                if not math.isfinite(mean_loss) and cfg.nan_policy == "stop":
+                    raise UsageError(f"non-finite loss {mean_loss} near step {step}; the last "
+                                     f"good checkpoint {ckpt_path} is intact (try a lower --lr)")
+                now = clock()
+                ips = (step - last_log_step) * cfg.batch_size / max(now - last_log, 1e-9)
+                eta = (now - sched_start_time) * (1 - p) / max(p, 1e-9)
+                epoch = step / spe
+                progress_bar.show(f"step {step:,}/{total:,} | ep {epoch:.2f} | loss {mean_loss:.4f}"
+                                  f" | lr {lr_at(p, cfg):.2e} | {ips:,.0f} img/s | ETA {fmt_time(eta)}")
+                record("train", step=step, epoch=round(epoch, 4), loss=mean_loss,
+                       lr=lr_at(p, cfg), img_per_s=round(ips, 1),
+                       elapsed=round(prior_elapsed + now - train_start, 2), skipped=skipped)
+                loss_sum.zero_()
+                loss_count, last_log, last_log_step = 0, now, step
+            if done:
+                break
+            if stop.signum:
+                stopped_by = signal.Signals(stop.signum).name
+                break
+            if step % eval_steps == 0:
+                result = trainer.evaluate()
+                record("eval", step=step, epoch=round(step / spe, 4), **result)
+                progress_bar.show(f"step {step:,}: test accuracy {result['test_acc']:.2f}%")
+            if step % ckpt_steps == 0:
+                checkpoint(step)
+        progress_bar.done()
+        checkpoint(step)
+    wall = prior_elapsed + clock() - train_start
+    if stopped_by:
+        log(f"{stopped_by}: stopped at step {step:,}; checkpoint {ckpt_path}; "
+            f"continue with --resume {out}")
+        return {"stopped": stopped_by, "step": step, "out": out}
+    result = trainer.evaluate()
+    record("eval", step=step, epoch=round(step / spe, 4), **result)
+    summary = {"variant": cfg.variant, "test_acc": round(result["test_acc"], 2),
+               "test_loss": round(result["test_loss"], 4), "steps": step, "skipped": skipped,
+               "train_s": round(wall, 1), "total_s": round(clock() - start_time, 1),
+               "img_per_s": round(step * cfg.batch_size / max(wall, 1e-9), 1), "out": out}
+    record("summary", **summary)
+    if dist.main:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        metrics.close()
+    log(f"summary: {cfg.variant} | test acc {summary['test_acc']:.2f}% | {step:,} steps | "
+        f"train {summary['train_s']:.1f}s | total {summary['total_s']:.1f}s | "
+        f"{summary['img_per_s']:,.0f} img/s | {out}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Variant table and CLI
+
+def count_flops_per_image(cfg: Config) -> float:
+    """Training FLOPs (forward + backward) per image, counted by PyTorch on a tiny batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build_model(cfg)
+    x = torch.randn(2, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def variant_table() -> str:
+    rows = ["| variant | changes | params | train GFLOP/img | paper acc % | paper s (3090) |",
+            "|---|---|---:|---:|---:|---:|"]
+    for name, v in VARIANTS.items():
+        cfg = resolve_config(name)
+        params = sum(p.numel() for p in build_model(cfg).parameters())
+        acc = f"{v.paper_acc:.2f}" if v.paper_acc else "—"
+        secs = f"{v.paper_runtime_s:,}" if v.paper_runtime_s else "—"
+        rows.append(f"| {name} | {v.about} | {params:,} | {count_flops_per_image(cfg) / 1e9:.3f} | "
+                    f"{acc} | {secs} |")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train the paper's Tiny ViT (or a variant) on CIFAR-10, data and augmentation "
+                    "on the device. Presets set defaults; any flag below overrides them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--variant", default="baseline",
+                        help="preset(s), comma-separated, later ones win (see --list-variants)")
+    parser.add_argument("--list-variants", action="store_true",
+                        help="print every preset with its parameters, GFLOPs and paper figures")
+    parser.add_argument("--resume", default="", help="run folder or ckpt.pt to continue")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="with --resume: report the checkpoint's test accuracy and exit")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run already in --out instead of refusing")
+    for f in dataclasses.fields(Config):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        # SUPPRESS: only flags the user typed override the preset
+        kwargs = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} [{f.default!r}]"}
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices"),
+                                metavar=None if "choices" in f.metadata else f.name.upper(),
+                                **kwargs)
+    return parser
+
+
+def main(argv=None) -> int:
+    start = time.monotonic()
+    args = vars(build_parser().parse_args(argv))
+    variant, resume, eval_only = args.pop("variant"), args.pop("resume"), args.pop("eval_only")
+    overwrite = args.pop("overwrite")
+    try:
+        if args.pop("list_variants"):
+            print(variant_table())
+            return 0
+        state = None
+        if resume:
+            state = load_checkpoint(resume)
+            saved = Config(**state["config"])
+            if "--variant" in (argv if argv is not None else sys.argv) and \
+                    resolve_config(variant).variant != saved.variant:
+                raise UsageError(f"checkpoint {resume} is from variant {saved.variant!r}, "
+                                 f"not {variant!r}")
+            changed = [k for k, v in args.items() if k not in RUN_FIELDS and getattr(saved, k) != v]
+            if changed:
+                raise UsageError(f"--resume continues the saved run; it cannot change "
+                                 f"{', '.join('--' + c.replace('_', '-') for c in changed)}")
+            out = args.get("out") or (resume if os.path.isdir(resume) else os.path.dirname(resume))
+            cfg = dataclasses.replace(saved, **{**args, "out": out})
+        elif eval_only:
+            raise UsageError("--eval-only needs --resume PATH (a run folder or checkpoint)")
+        else:
+            cfg = resolve_config(variant, **args)
+        train(cfg, state, overwrite=overwrite, eval_only=eval_only, start_time=start)
+    except (UsageError, data_gpu.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The trainer: config and variants, model layout, schedule, CLI errors, one real run."""
+import json
+import os
+
+import pytest
+import torch
+
+import speedrun as S
+
+
+def expected_params(cfg: S.Config) -> int:
+    """Parameter count from the layout in REFERENCE.md, written out by hand."""
+    w, h, p = cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.patch_size
+    tokens = 1024 // (p * p)
+    proj = {n: (w * cfg.latent_dim + cfg.latent_dim * w + w) if n in cfg.mla else (w * w + w)
+            for n in "qkv"}
+    block = 4 * w + sum(proj.values()) + (w * w + w) + (w * h + h + h * w + w) + int(cfg.lsa)
+    if cfg.patch_embed == "spt":
+        embed = 2 * 15 * p * p + 15 * p * p * w + w
+    else:
+        embed = 3 * p * p * w + w
+    pos = (cfg.num_cls + tokens) * w if cfg.pos_emb == "learned" else 0
+    head_in = w * cfg.num_cls if cfg.pool == "cls" else w
+    return embed + cfg.num_cls * w + pos + cfg.depth * block + 2 * w + head_in * 10 + 10
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_baseline_matches_reference_count():
+    assert n_params(S.build_model(S.resolve_config("baseline"))) == 2_697_610
+
+
+@pytest.mark.parametrize("name", list(S.VARIANTS))
+def test_every_preset_builds_trains_and_counts(name):
+    cfg = S.resolve_config(name)
+    model = S.build_model(cfg)
+    assert n_params(model) == expected_params(cfg)
+    logits = model(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, 10)
+    opt = S.make_optimizer(model, cfg, torch.device("cpu"))
+    S.soft_cross_entropy(logits, torch.eye(10)[:3], 0.1).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_mcls_head_reads_two_cls_tokens():
+    cfg = S.resolve_config("mcls")
+    model = S.build_model(cfg)
+    assert (cfg.width, cfg.heads, cfg.num_cls) == (96, 12, 2)
+    assert model.cls_token.shape == (1, 2, 96) and model.head.in_features == 192
+
+
+def test_presets_compose_and_flags_override():
+    cfg = S.resolve_config("mcls,mla-q", lr=1e-3)
+    assert (cfg.width, cfg.num_cls, cfg.mla, cfg.lr) == (96, 2, "q", 1e-3)
+    assert S.resolve_config("mla-q,mla-kv").mla == "kv"  # later preset wins
+    with pytest.raises(S.UsageError, match="did you mean mla-q"):
+        S.resolve_config("mla-qq")
+
+
+@pytest.mark.parametrize("mla", ["q", "k", "qk", "kv", "qkv"])
+def test_mla_layout(mla):
+    attn = S.build_model(S.resolve_config("mla-" + mla)).blocks[0].attn
+    assert sorted(attn.low_rank) == sorted(mla)
+    for m in attn.low_rank.values():
+        assert m.down.weight.shape == (64, 192) and m.down.bias is None
+        assert m.up.weight.shape == (192, 64) and m.up.bias.shape == (192,)
+    dense = 3 - len(mla)
+    assert (attn.qkv is None) if dense == 0 else attn.qkv.weight.shape == (192 * dense, 192)
+
+
+def test_schedule_warmup_and_end_values():
+    cfg = S.resolve_config("baseline")
+    assert S.lr_at(0.0, cfg) == 0.0
+    assert S.lr_at(0.05, cfg) == pytest.approx(cfg.lr / 2)
+    assert S.lr_at(0.1, cfg) == pytest.approx(cfg.lr)
+    assert S.lr_at(1.0, cfg) == pytest.approx(cfg.min_lr)
+    assert S.lr_at(0.55, cfg) == pytest.approx((cfg.lr + cfg.min_lr) / 2)
+
+
+def test_soft_cross_entropy_equals_mixed_label_smoothing_ce():
+    logits, ya, yb, lam = torch.randn(5, 10), torch.arange(5), torch.arange(5, 10), 0.3
+    targets = lam * torch.eye(10)[ya] + (1 - lam) * torch.eye(10)[yb]
+    ce = torch.nn.functional.cross_entropy
+    want = lam * ce(logits, ya, label_smoothing=0.1) + (1 - lam) * ce(logits, yb, label_smoothing=0.1)
+    assert S.soft_cross_entropy(logits, targets, 0.1).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_sin_embedding_is_fixed():
+    cfg = S.resolve_config("sin")
+    model = S.build_model(cfg)
+    assert "pos_embed" not in dict(model.named_parameters())
+    before = model.pos_embed.clone()
+    assert before[0, 0].abs().sum() == 0 and before[0, 1:].abs().sum() > 0  # CLS row is zero
+    opt = S.make_optimizer(model, cfg, torch.device("cpu"))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    assert torch.equal(model.pos_embed, before)
+
+
+def test_whitened_filters_decorrelate_patches():
+    torch.manual_seed(0)
+    # correlated "images": smooth random fields plus some noise, so raw patches are far from white
+    smooth = torch.nn.functional.interpolate(torch.rand(600, 3, 8, 8), size=32, mode="bilinear")
+    images = ((0.7 * smooth + 0.3 * torch.rand(600, 3, 32, 32)) * 255).round().to(torch.uint8)
+    model = S.build_model(S.resolve_config("whiten"))
+    S.whiten_patch_embed(model, images)
+    with torch.no_grad():
+        feats = model.patch_embed(S.data_gpu.normalize(images))[:, :48]  # (B, 48, 8, 8)
+    feats = feats.permute(0, 2, 3, 1).reshape(-1, 48).double()
+    cov = torch.cov(feats.T)
+    assert torch.allclose(cov, torch.eye(48, dtype=torch.double), atol=0.05)
+
+
+def test_lsa_gives_no_attention_to_self():
+    cfg = S.resolve_config("lsa")
+    attn = S.build_model(cfg).blocks[0].attn
+    assert isinstance(attn.scale, torch.nn.Parameter)
+    assert attn.scale.item() == pytest.approx(16 ** -0.5)
+    q, k = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16)
+    v = torch.eye(7).expand(2, 3, 7, 7)  # output row i = attention weights of token i
+    weights = S.kernels.attention(q, k, v, attn.scale, diag_mask=True)
+    assert torch.all(weights.diagonal(dim1=-2, dim2=-1) == 0)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 3, 7))
+
+
+def test_spt_shapes_and_shifts():
+    spt = S.ShiftedPatchTokenization(192, 4)
+    img = torch.arange(2 * 3 * 32 * 32, dtype=torch.float).view(2, 3, 32, 32)
+    assert spt(img).shape == (2, 64, 192)
+    captured = {}
+    spt.norm.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
+    spt(img)
+    # token of patch (1, 1): channels 0-2 the image, then the 4 diagonal shifts by 2 pixels
+    tok = captured["x"][0, 1 * 8 + 1].view(15, 4, 4)
+    y, x = 4, 4
+    assert torch.equal(tok[0:3], img[0, :, y:y + 4, x:x + 4])
+    assert torch.equal(tok[3:6], img[0, :, y - 2:y + 2, x - 2:x + 2])    # shifted down-right
+    assert torch.equal(tok[6:9], img[0, :, y - 2:y + 2, x + 2:x + 6])    # down-left
+    assert torch.equal(tok[9:12], img[0, :, y + 2:y + 6, x - 2:x + 2])   # up-right
+    assert torch.equal(tok[12:15], img[0, :, y + 2:y + 6, x + 2:x + 6])  # up-left
+    corner = captured["x"][0, 0].view(15, 4, 4)
+    assert torch.all(corner[3:6, :2, :] == 0)  # zero fill where the shift leaves the image
+
+
+def test_cait_blocks_leave_patch_tokens_untouched():
+    model = S.build_model(S.resolve_config("cait")).eval()
+    x = torch.randn(2, 65, 192)
+    for block in model.blocks[-2:]:
+        y = block(x)
+        assert torch.equal(y[:, 1:], x[:, 1:]) and not torch.allclose(y[:, :1], x[:, :1])
+    assert model.blocks[0].num_query == 0
+
+
+def test_gap_head_reads_patch_mean():
+    model = S.build_model(S.resolve_config("gap"))
+    assert model.cls_token.shape[1] == 0 and model.head.in_features == 192
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        S.main(["--help"])
+    text = capsys.readouterr().out
+    for f in S.CONFIG_FIELDS:
+        if f != "variant":
+            assert "--" + f.replace("_", "-") in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--lr", "-1"], "must not be negative"),
+    (["--variant", "mcsl"], "did you mean mcls"),
+    (["--data", "/nonexistent/cifar.tar.gz"], "/nonexistent/cifar.tar.gz"),
+    (["--eval-only"], "--eval-only needs --resume"),
+    (["--resume", "/nonexistent/run"], "no checkpoint"),
+])
+def test_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
+    assert S.main(argv + ["--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_list_variants_shows_every_preset(capsys):
+    assert S.main(["--list-variants"]) == 0
+    out = capsys.readouterr().out
+    for name in S.VARIANTS:
+        assert f"| {name} |" in out
+    assert "2,697,610" in out and "93.65" in out
+
+
+def test_end_to_end_on_real_cifar(real_archive, tmp_path):
+    """A few dozen steps on the real data: loss falls, accuracy clearly beats chance (10 %)."""
+    out = tmp_path / "run"
+    argv = ["--data", real_archive, "--out", str(out), "--max-steps", "60", "--batch-size", "64",
+            "--width", "64", "--depth", "2", "--heads", "4", "--no-autoaugment", "--mix-prob", "0",
+            "--erase-prob", "0", "--drop-path", "0", "--log-every", "10", "--warmup-epochs", "1"]
+    assert S.main(argv) == 0
+    lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    train = [l["loss"] for l in lines if l["kind"] == "train"]
+    summary = json.load(open(out / "summary.json"))
+    assert train[-1] < train[0] - 0.1
+    assert summary["steps"] == 60 and summary["test_acc"] > 20.0
+    assert os.path.exists(out / "ckpt.pt") and json.load(open(out / "config.json"))["width"] == 64
+    # a second start into the same folder is refused; --eval-only reports the checkpoint
+    assert S.main(argv) == 2
+    assert S.main(["--eval-only", "--resume", str(out), "--data", real_archive]) == 0
