@@ -1,0 +1,256 @@
+"""Shared plumbing for the bench/ scripts: the paper's speed figures, config flags, synthetic data,
+device-synchronised timing, the saved-activation counter, and one-line CLI errors.
+
+Every script here starts with the same three lines that put the repository root (not bench/) on
+sys.path: bench/profile.py shares its name with the standard library's `profile`, which
+torch._dynamo imports through cProfile, so bench/ itself must never be an import root.
+"""
+import argparse
+import contextlib
+import difflib
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import data_gpu  # noqa: E402  (needs ROOT on sys.path)
+import speedrun  # noqa: E402
+
+UsageError = speedrun.UsageError
+RESULTS = os.path.join(ROOT, "bench", "results")  # git-ignored
+
+# REFERENCE.md, Table 1: the baseline's forward pass on an RTX 3090 (images/s, memory GB)
+PAPER_TABLE1 = {32: (3162.09, 0.31), 64: (6521.61, 0.62), 128: (9449.16, 1.25),
+                256: (9721.13, 2.50), 512: (10368.24, 5.00), 1024: (10607.06, 9.98)}
+# REFERENCE.md, Figure 4: one baseline training step at batch 256 on an RTX 3090, ms
+PAPER_FIG4_STEP_MS = 120.7
+PAPER_FIG4_MS = {"forward": 25.2, "backward": 79.3, "optimizer": 12.7}
+PAPER_DEVICE = "RTX 3090"
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: one-line errors, config flags shared by every script
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2 from main) instead of printing usage."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that pick the configuration: the same meaning as speedrun.py's flags."""
+    parser.add_argument("--variant", default="baseline",
+                        help="speedrun preset(s), comma-separated, later ones win "
+                             f"(one of: {', '.join(speedrun.VARIANTS)}) [baseline]")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override any speedrun Config field on top of the preset, e.g. "
+                             "--set width=32 depth=1 heads=2 (names as in `python speedrun.py "
+                             "--help`, dashes or underscores)")
+    parser.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA when present [auto]")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU, as the trainer [auto]")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                        help="torch.compile the model; auto: on for CUDA, off on CPU [auto]")
+    parser.add_argument("--kernels", default="auto", choices=("auto", "triton", "torch"),
+                        help="attention/low-rank kernels; auto: Triton on CUDA, PyTorch on CPU [auto]")
+    parser.add_argument("--data", default="",
+                        help="cifar-10-python.tar.gz (or its extracted folder) to draw batches from; "
+                             "default: synthetic random uint8 images of the right shape, which cost "
+                             "the same to augment and train on")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for PyTorch ops (torch.set_num_threads); 0: PyTorch's "
+                             "default. On a shared, loaded machine 1 avoids threads waiting on each "
+                             "other [0]")
+    parser.add_argument("--out", default="", help="output folder (default: see above)")
+
+
+def _parse_value(key: str, text: str):
+    field = speedrun.CONFIG_FIELDS[key]
+    kind = type(field.default)
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            value = lowered in ("1", "true", "yes", "on")
+        else:
+            value = kind(text)
+    except ValueError:
+        raise UsageError(f"--set {key}={text}: not a valid {kind.__name__}") from None
+    choices = field.metadata.get("choices")
+    if choices and value not in choices:
+        raise UsageError(f"--set {key}={text}: choose one of {', '.join(choices)}")
+    return value
+
+
+def parse_overrides(items, reserved: dict = None) -> dict:
+    """['width=32', 'depth=1'] -> {'width': 32, 'depth': 1}, typed as speedrun.Config declares.
+    `reserved` maps fields this script sets itself to the flag that sets them."""
+    reserved = reserved or {}
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep:
+            raise UsageError(f"--set takes KEY=VALUE pairs (got {item!r})")
+        if key in reserved:
+            raise UsageError(f"--set {key}: use {reserved[key]} instead")
+        if key not in speedrun.CONFIG_FIELDS or key == "variant":
+            close = difflib.get_close_matches(key, speedrun.CONFIG_FIELDS, n=1)
+            raise UsageError(f"--set {key}: no such config field"
+                             + (f"; did you mean {close[0]}?" if close else ""))
+        overrides[key] = _parse_value(key, text)
+    return overrides
+
+
+def config_from_args(args, reserved: dict = None, **fixed) -> speedrun.Config:
+    """The trainer's Config for these flags: preset, then --set, then the device flags.
+    Also applies --threads (run_main restores the thread count afterwards)."""
+    if args.threads < 0:
+        raise UsageError("--threads must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = parse_overrides(args.set, reserved)
+    overrides.update(device=args.device, precision=args.precision, compile=args.compile,
+                     kernels=args.kernels, **fixed)
+    return speedrun.resolve_config(args.variant, **overrides)
+
+
+def run_main(body, argv) -> int:
+    """Run a script's body; bad input (UsageError, DataError) is one line on stderr, exit 2.
+    The thread count is restored, so main() can be called from tests and notebooks."""
+    threads = torch.get_num_threads()
+    try:
+        return body(argv)
+    except (UsageError, data_gpu.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def default_out(kind: str, cfg: speedrun.Config, device: torch.device) -> str:
+    return os.path.join(RESULTS, f"{kind}-{cfg.variant.replace(',', '+')}-{device.type}")
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, devices, timing
+
+def load_data(path: str = "", n_train: int = 4096, seed: int = 0) -> dict:
+    """The trainer's data dict: the real set from `path`, or random uint8 images of CIFAR's shape.
+    Throughput does not depend on pixel values (AutoAugment's per-image work is data-independent),
+    so synthetic images measure the same pipeline without the 170 MB archive."""
+    if path:
+        return data_gpu.load_cifar10(path, log=lambda *a, **k: None)
+    g = torch.Generator().manual_seed(seed)
+    n_test = 256
+    return {"train_x": torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
+            "train_y": torch.randint(0, 10, (n_train,), generator=g),
+            "test_x": torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
+            "test_y": torch.randint(0, 10, (n_test,), generator=g)}
+
+
+def sync(device: torch.device) -> None:
+    """CUDA runs asynchronously: a clock read means nothing until the queue has drained."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device, enabled: bool):
+    """fp32 matmuls on TF32 tensor cores: the trainer turns them on (speedrun.train), PyTorch's
+    default (what the paper's plain loop ran with) is off. Restored on exit. cuDNN convs use TF32
+    either way (its default)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def time_calls(fn, device: torch.device, warmup: int, repeats: int, steps: int) -> list:
+    """Seconds per call of fn(), once per repeat: `warmup` untimed calls (compilation, autotuning,
+    allocator growth), then `repeats` timed runs of `steps` calls, synchronised at both ends."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        seconds.append((time.perf_counter() - start) / steps)
+    return seconds
+
+
+def spread(values) -> dict:
+    """Median with min and max: the median resists the odd slow repeat, min..max shows the noise."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": [round(v, 6) for v in values]}
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "allocate memory" in text)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: activation bytes saved for backward
+
+def saved_activation_bytes(fn, exclude=()) -> int:
+    """Bytes autograd keeps for backward while fn() builds its graph (fn's result is then dropped).
+
+    Every tensor saved for backward passes the pack hook; counting each storage once (by its
+    data_ptr) means views and tensors saved by several ops are not counted twice, and the storages
+    of `exclude` (the parameters) are left out: what remains is activation memory, which is what
+    grows with the batch and what a smaller layout or a fused kernel saves. Device-independent, so
+    CPU runs give the same column as GPU runs."""
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    storages = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            ptr, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+            ptr, size = id(t), t.numel() * t.element_size()
+        if ptr not in skip:
+            storages[ptr] = max(size, storages.get(ptr, 0))
+        return t  # keeps the storage alive until fn's graph is dropped: no address is reused
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    del result
+    return sum(storages.values())

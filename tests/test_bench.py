@@ -1,0 +1,168 @@
+"""bench/: throughput sweep, step profiler, plain reference model, activation counter. CPU, tiny
+configs, synthetic data; one thread so a loaded machine does not stall PyTorch's thread pool."""
+import json
+
+import pytest
+import torch
+
+import speedrun as S
+from bench import common, reference_model
+from bench import profile as P
+from bench import throughput as T
+
+TINY = ["--set", "width=32", "depth=1", "heads=2", "--device", "cpu", "--threads", "1"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 1000
+
+
+def test_throughput_sweep_with_reference(tmp_path, capsys):
+    argv = TINY + ["--batch-sizes", "4", "8", "--warmup", "1", "--repeats", "2", "--steps", "1",
+                   "--compare-reference", "--out", str(tmp_path)]
+    assert T.main(argv) == 0
+    report = json.load(open(tmp_path / "results.json"))
+    assert [r["batch_size"] for r in report["results"]] == [4, 8]
+    for row in report["results"]:
+        for who in ("ours", "reference"):
+            fig = row[who]
+            assert fig["status"] == "ok"
+            for key in ("forward_img_s", "train_img_s"):
+                assert 0 < fig[key]["min"] <= fig[key]["median"] <= fig[key]["max"]
+                assert len(fig[key]["runs"]) == 2
+            assert fig["activation_bytes"] > 0
+        assert row["speedup"]["forward"] > 0 and row["speedup"]["train"] > 0
+    # activations grow with the batch
+    assert report["results"][1]["ours"]["activation_bytes"] > report["results"][0]["ours"]["activation_bytes"]
+    table = (tmp_path / "table.md").read_text()
+    assert "| 4 |" in table and "| 8 |" in table and "speed-up" in table
+    assert_png(tmp_path / "throughput.png")
+    out = capsys.readouterr().out
+    assert out.count("batch     4 |") == 1 and "| 8 |" in out
+
+
+def test_throughput_paper_columns_and_oom_keeps_sweeping(tmp_path, monkeypatch):
+    """A batch that does not fit is reported as OOM; the others are still measured. Batch 32 is
+    a paper batch size, so its row carries the RTX 3090 figures."""
+    real_step = S.Trainer.step
+
+    def step(self, s, lr, **kw):
+        if self.cfg.batch_size == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, s, lr, **kw)
+
+    monkeypatch.setattr(S.Trainer, "step", step)
+    argv = TINY + ["--batch-sizes", "2", "32", "--warmup", "0", "--repeats", "1", "--steps", "1",
+                   "--out", str(tmp_path)]
+    assert T.main(argv) == 0
+    rows = {r["batch_size"]: r for r in json.load(open(tmp_path / "results.json"))["results"]}
+    assert rows[2]["ours"]["status"] == "OOM"
+    assert rows[32]["ours"]["status"] == "ok" and rows[32]["ours"]["train_img_s"]["median"] > 0
+    assert rows[32]["paper_forward_img_s"] == 3162.09
+    table = (tmp_path / "table.md").read_text()
+    assert "| 2 | OOM |" in table and "3,162" in table
+
+
+def test_profile_trace_and_breakdown(tmp_path, capsys):
+    argv = TINY + ["--batch-size", "8", "--wait", "1", "--warmup", "1", "--active", "2",
+                   "--out", str(tmp_path)]
+    assert P.main(argv) == 0
+    trace = json.load(open(tmp_path / "trace.json"))  # valid JSON, Chrome trace layout
+    names = {e.get("name") for e in trace["traceEvents"] if e.get("ph") == "X"}
+    assert set(P.PARTS) <= names
+    assert sum(n.startswith("ProfilerStep#") for n in names) == 2  # only the active steps
+    report = json.load(open(tmp_path / "breakdown.json"))
+    assert report["timing"] == "cpu-ranges" and report["active_steps"] == 2
+    parts = sum(report["median_ms"][p] for p in P.PARTS)
+    assert 0 < parts <= report["step_ms"] + 1e-9
+    assert all(report["median_ms"][p] > 0 for p in P.PARTS)
+    for step in report["per_step_ms"]:  # each step's ranges fit inside it
+        assert sum(step[p] for p in P.PARTS) <= step["step"] + 1e-6
+    assert report["paper"]["median_ms"]["backward"] == 79.3
+    assert_png(tmp_path / "breakdown.png")
+    out = capsys.readouterr().out
+    assert "ui.perfetto.dev" in out and "| backward |" in out and "MB)" in out
+
+
+def test_breakdown_attributes_gpu_kernels_by_correlation(tmp_path):
+    """On CUDA a range's time is the GPU time of the kernels it launched (matched by correlation
+    id), not its CPU enqueue time. A hand-made trace: forward enqueues in 1 us, its kernels run 5 us."""
+    def x(name, cat, ts, dur, **args):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "args": args}
+
+    events = [x("ProfilerStep#2", "user_annotation", 0, 100),
+              x("forward", "user_annotation", 10, 1),
+              x("cudaLaunchKernel", "cuda_runtime", 10.2, 0.3, correlation=7),
+              x("cudaLaunchKernel", "cuda_runtime", 10.6, 0.3, correlation=8),
+              x("gemm", "kernel", 30, 3, correlation=7),
+              x("gelu", "kernel", 32, 2, correlation=8),  # overlaps gemm: counted once
+              x("backward", "user_annotation", 12, 2),
+              x("cudaLaunchKernel", "cuda_runtime", 12.5, 0.3, correlation=9),
+              x("gemm_bwd", "kernel", 40, 10, correlation=9)]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    b = P.read_breakdown(str(path))
+    assert b["timing"] == "gpu-kernels"
+    assert b["median_ms"]["forward"] == pytest.approx(0.004)
+    assert b["median_ms"]["backward"] == pytest.approx(0.010)
+    assert b["median_ms"]["data"] == 0
+    assert b["step_ms"] == pytest.approx(0.1)
+
+
+def test_reference_model_matches_parameter_count_and_layout():
+    for cfg in (S.resolve_config("baseline"), S.resolve_config("mcls")):
+        ours, plain = S.build_model(cfg), reference_model.from_config(cfg)
+        assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in ours.parameters())
+        assert plain(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    attn = reference_model.from_config(S.resolve_config("baseline")).blocks[0].attn
+    assert all(isinstance(getattr(attn, n), torch.nn.Linear) for n in "qkv")
+    assert reference_model.layout_mismatches(S.resolve_config("mla-q")) == ["mla='q'"]
+
+
+def test_saved_activation_bytes_counts_each_storage_once_without_parameters():
+    x = torch.randn(100, requires_grad=True)
+
+    def views():
+        e = x.exp()  # saves its result: 400 bytes
+        return e.view(10, 10).sin()  # saves its input, a view of the same storage
+
+    assert common.saved_activation_bytes(views) == 400
+    linear = torch.nn.Linear(100, 50)
+    inp = torch.randn(8, 100, requires_grad=True)
+    assert common.saved_activation_bytes(lambda: linear(inp), exclude=linear.parameters()) == 8 * 100 * 4
+
+
+def test_help_explains_every_flag(capsys):
+    for main, flags in ((T.main, ["--batch-sizes", "--repeats", "--steps", "--warmup",
+                                  "--compare-reference"]),
+                        (P.main, ["--batch-size", "--wait", "--warmup", "--active"])):
+        with pytest.raises(SystemExit) as stop:
+            main(["--help"])
+        assert stop.value.code == 0
+        text = capsys.readouterr().out
+        for flag in flags + ["--variant", "--set", "--device", "--precision", "--compile",
+                             "--kernels", "--data", "--threads", "--out"]:
+            assert flag in text
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    (T.main, ["--batch-sizes", "0"], "--batch-sizes must be positive"),
+    (T.main, ["--batch-sizes", "x"], "invalid int value"),
+    (T.main, ["--set", "widht=32"], "did you mean width"),
+    (T.main, ["--set", "width"], "KEY=VALUE"),
+    (T.main, ["--set", "batch_size=8"], "use --batch-sizes"),
+    (T.main, ["--set", "pos_emb=spiral"], "choose one of"),
+    (T.main, ["--variant", "mcsl"], "did you mean mcls"),
+    (T.main, ["--variant", "spt", "--compare-reference"], "patch_embed='spt'"),
+    (T.main, ["--data", "/nonexistent/cifar.tar.gz"], "/nonexistent/cifar.tar.gz"),
+    (T.main, ["--no-such-flag"], "unrecognized arguments"),
+    (P.main, ["--active", "0"], "--active >= 1"),
+    (P.main, ["--set", "depth=two"], "not a valid int"),
+    (P.main, ["--device", "tpu"], "unknown --device"),
+])
+def test_bad_input_is_one_line_exit_2(main, argv, message, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
