@@ -95,6 +95,10 @@ class Config:
     out: str = _f("", "output folder (default: runs/<variant>-<time>)")
     nan_policy: str = _f("stop", "on a non-finite loss: stop, or skip the step (syncs every step)",
                          choices=("stop", "skip"))
+    deterministic: bool = _f(False, "CUDA: bit-reproducible runs via torch.use_deterministic_algorithms, "
+                                    "CUBLAS_WORKSPACE_CONFIG=:4096:8 and no cuDNN autotuning; slower, "
+                                    "as scatter/index backward passes lose their atomic adds and cuBLAS "
+                                    "its free choice of kernels (CPU runs are deterministic anyway)")
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ VARIANTS = {
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # fields that shape the model or recipe: a resumed run may not change them
 RUN_FIELDS = {"max_steps", "time_budget", "device", "precision", "compile", "kernels", "eval_every",
-              "log_every", "data", "out", "nan_policy"}
+              "log_every", "data", "out", "nan_policy", "deterministic"}
 
 
 def resolve_config(variant: str = "baseline", **overrides) -> Config:
@@ -456,7 +460,11 @@ def init_distributed(device_name: str) -> Dist:
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(dist.local_rank)
-    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    if not torch.distributed.is_initialized():  # a second run in the same processes reuses it
+        # NCCL bound to this rank's GPU up front, so barriers and collectives know their device
+        torch.distributed.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            device_id=torch.device("cuda", dist.local_rank) if use_cuda else None)
     return dist
 
 
@@ -490,11 +498,16 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.steps_per_epoch = n_train * cfg.passes_per_epoch / cfg.batch_size
-        # per-rank augmentation randomness: device generator for per-image draws, host RNG
-        # for the per-batch mix decision (never depends on device values, so never syncs)
-        self.aug_gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + dist.rank)
-        self.host_rng = np.random.default_rng(cfg.seed * 1000 + dist.rank)
-        torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # drop-path masks differ per rank
+        self.aug_gen = torch.Generator(device)
+        self.seed_streams(cfg.seed * 1000 + dist.rank)
+
+    def seed_streams(self, seed: int):
+        """Per-rank randomness: the device generator for per-image augmentation draws, a host RNG
+        for the per-batch mix decision (never depends on device values, so never syncs), and
+        torch's global RNG for drop-path masks."""
+        self.aug_gen.manual_seed(seed)
+        self.host_rng = np.random.default_rng(seed)
+        torch.manual_seed(seed + 1)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -520,7 +533,10 @@ class Trainer:
         with rf("backward"):
             loss.backward()
         with rf("optimizer"):
-            if skip_nonfinite and not torch.isfinite(loss):  # a sync, only under --nan-policy skip
+            # a sync, only under --nan-policy skip; the gradients too, as a NaN can hide behind
+            # a finite loss
+            if skip_nonfinite and not self.all_finite(
+                    [loss] + [p.grad for p in self.model.parameters() if p.grad is not None]):
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
             for group in self.optimizer.param_groups:
@@ -528,6 +544,51 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def all_finite(self, tensors) -> bool:
+        """Whether every value is finite, on every rank (a host sync): ranks decide alike."""
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(ok, torch.distributed.ReduceOp.MIN)
+        return bool(ok)
+
+    def sync(self, loss_sum, loss_count: int, stop: bool, time_share: float):
+        """The host sync of a log step -> (mean loss, stop?, time share). Under torchrun: the loss
+        over all ranks, whether any rank was signalled (a signal may reach ranks a step apart),
+        and rank 0's share of the time budget, so that every rank takes the same decisions."""
+        values = torch.tensor([0.0, loss_count, stop, time_share if self.dist.main else 0.0],
+                              dtype=torch.float64, device=self.device)
+        values[0] = loss_sum
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(values)
+        total, count, stops, share = values.tolist()
+        return (total / count if count else float("nan")), stops > 0, share
+
+    def fitting_batch(self) -> int:
+        """After running out of memory: the largest halving of this process's batch whose forward
+        and backward fit beside the model and optimizer state (0: not even one image)."""
+        batch = self.cfg.batch_size // self.dist.world_size // 2
+        self.model.train()
+        while batch >= 1:
+            try:
+                with self.autocast():
+                    self.model(data_gpu.normalize(self.data["train_x"][:batch])).float().sum().backward()
+                return batch
+            except torch.cuda.OutOfMemoryError:
+                batch //= 2
+            finally:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return 0
+
+    def out_of_memory_advice(self) -> str:
+        fits, batch, world = self.fitting_batch(), self.cfg.batch_size, self.dist.world_size
+        per = " per process" if world > 1 else ""
+        said = f"out of memory at --batch-size {batch}" + (f" ({batch // world}{per})" if per else "")
+        if not fits:
+            return f"{said}; not even one image{per} fits on {self.device}"
+        return f"{said}; a batch of {fits}{per} fits: try --batch-size {fits * world}"
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 1000):
@@ -551,19 +612,29 @@ class Trainer:
 
     # -- checkpoints: everything needed for a bit-exact continuation ---------------------------
     def state_dict(self, step: int, elapsed: float, extra: dict):
-        state = {"config": dataclasses.asdict(self.cfg), "step": step, "elapsed": elapsed,
-                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                         "torch": torch.get_rng_state(), "aug": self.aug_gen.get_state(),
-                         "host": self.host_rng.bit_generator.state}, **extra}
+        """Call on every rank: it gathers each rank's random streams (only rank 0 saves)."""
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(),
+               "torch": torch.get_rng_state(), "aug": self.aug_gen.get_state(),
+               "host": self.host_rng.bit_generator.state}
         if self.device.type == "cuda":
-            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        ranks = [rng]
+        if self.dist.world_size > 1:
+            ranks = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(ranks, rng)
+        return {"config": dataclasses.asdict(self.cfg), "step": step, "elapsed": elapsed,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rng": ranks, **extra}
 
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        rng = state["rng"]
+        if len(state["rng"]) != self.dist.world_size:
+            # resumed on another number of processes: weights, optimizer and data order carry
+            # over exactly, the per-rank random streams start afresh (so not bit-identical)
+            self.seed_streams(self.cfg.seed * 1000 + self.dist.rank + 7919 * state["step"])
+            return
+        rng = state["rng"][self.dist.rank]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -586,9 +657,16 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"--resume {path}: no checkpoint there (expected a run folder or ckpt.pt)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or foreign file
         raise UsageError(f"--resume {path}: unreadable checkpoint ({type(e).__name__})") from None
+    # a bare state_dict, or a config field this version does not know, would fail later as a
+    # traceback; older checkpoints lacking newer fields are fine (Config fills the defaults)
+    if not (isinstance(state, dict) and {"config", "step", "model", "optimizer"} <= state.keys()
+            and isinstance(state.get("rng"), list) and set(state["config"]) <= set(CONFIG_FIELDS)):
+        raise UsageError(f"--resume {path}: not a checkpoint of this trainer (or of another "
+                         f"version of it)")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -641,7 +719,10 @@ def prepare_out_dir(cfg: Config, resume: bool, overwrite: bool, main: bool) -> s
         raise UsageError(f"{out} already holds a run; pass --resume {out} to continue it or "
                          f"--overwrite to replace it")
     if main:
-        os.makedirs(out, exist_ok=True)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:  # a file in the way, no permission
+            raise UsageError(f"--out {out}: cannot create the folder ({e.strerror})") from None
         if overwrite and not resume:
             for name in ("metrics.jsonl", "ckpt.pt", "summary.json"):
                 with contextlib.suppress(FileNotFoundError):
@@ -649,31 +730,62 @@ def prepare_out_dir(cfg: Config, resume: bool, overwrite: bool, main: bool) -> s
     return out
 
 
+def drop_records_after(path: str, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: forget what was logged for them (and
+    a line torn by a crash), so that metrics.jsonl reads as one uninterrupted run."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_only: bool = False,
           clock=time.monotonic, start_time: float = None) -> dict:
     """Train (or evaluate) one configuration; returns the summary dict."""
     start_time = clock() if start_time is None else start_time
+    # before the rendezvous: each process refuses on its own instead of waiting for the others
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     dist = init_distributed(cfg.device)
-    validate(cfg, dist.world_size)
     device = pick_device(cfg.device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers run on tensor cores
         torch.backends.cudnn.allow_tf32 = True
+    if cfg.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first use
+        # warn_only: the one flagged op, equalize's scatter_add, sums integers, exact in any order
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     log = print if dist.main else (lambda *a, **k: None)
+    if not dist.main:  # rank 0 alone downloads and caches the data; the others then read it
+        torch.distributed.barrier()
     data = data_gpu.load_cifar10(cfg.data or None, log=log)
+    if dist.main and dist.world_size > 1:
+        torch.distributed.barrier()
     trainer = Trainer(cfg, data, device, dist)
-    step, prior_elapsed = 0, 0.0
+    step, prior_elapsed, skipped = 0, 0.0, 0
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
         step, prior_elapsed = resume_state["step"], resume_state["elapsed"]
+        skipped = resume_state.get("skipped", 0)
     if eval_only:
         result = trainer.evaluate()
         log(f"test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) "
             f"at step {step}")
         return result
     out = prepare_out_dir(cfg, resume_state is not None, overwrite, dist.main)
+    if dist.world_size > 1:  # every rank has looked at the folder before rank 0 writes into it
+        torch.distributed.barrier()
+    if dist.main and resume_state is not None:
+        drop_records_after(os.path.join(out, "metrics.jsonl"), step)
     if dist.main:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
@@ -698,27 +810,47 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     budget_end = start_time + cfg.time_budget if cfg.time_budget else None
     eval_reserve = 0.0
     progress_bar = Progress(dist.main)
-    loss_sum, loss_count, skipped = torch.zeros((), device=device), 0, 0
+    loss_sum, loss_count = torch.zeros((), device=device), 0
     train_start, last_log, last_log_step = clock(), clock(), step
     sched_start_step, sched_start_time = step, clock()
-    result, stopped_by = {}, None
+    result, stopped_by, shared_time = {}, None, 0.0
+
+    def time_share():
+        """Share of the time budget spent (0 without a budget)."""
+        if budget_end is None:
+            return 0.0
+        return (clock() - sched_start_time) / max(budget_end - eval_reserve - sched_start_time, 1e-9)
 
     def progress_at(s):
-        p = (s + 1) / total
-        if budget_end is not None:
-            span = budget_end - eval_reserve - sched_start_time
-            p = max(p, (clock() - sched_start_time) / max(span, 1e-9))
-        return min(p, 1.0)
+        # under torchrun: rank 0's time share as of the last sync, so that every rank computes
+        # the same learning rate and ends at the same step
+        return min(max((s + 1) / total, time_share() if dist.world_size == 1 else shared_time), 1.0)
+
+    def fault(what):
+        kept = (f"the last good checkpoint {ckpt_path} is intact" if os.path.exists(ckpt_path)
+                else "no checkpoint was written")
+        return UsageError(f"{what}; {kept} (try a lower --lr)")
 
     def checkpoint(s):
+        # every rank takes part (weights checked, random streams gathered); rank 0 writes
+        if not trainer.all_finite(trainer.model.parameters()):
+            raise fault(f"non-finite weights after step {s}")
+        state = trainer.state_dict(s, prior_elapsed + clock() - train_start, {"skipped": skipped})
         if dist.main:
-            save_checkpoint(trainer.state_dict(s, prior_elapsed + clock() - train_start,
-                                               {"skipped": skipped}), ckpt_path)
+            save_checkpoint(state, ckpt_path)
+        if dist.world_size > 1:  # no rank moves on (or exits) before the file is in place
+            torch.distributed.barrier()
 
     with StopRequest() as stop:
         while step < total:
             p = progress_at(step)
-            loss = trainer.step(step, lr_at(p, cfg), skip_nonfinite=cfg.nan_policy == "skip")
+            try:
+                loss = trainer.step(step, lr_at(p, cfg), skip_nonfinite=cfg.nan_policy == "skip")
+                out_of_memory = False
+            except torch.cuda.OutOfMemoryError:  # probed once this handler lets go of the step
+                out_of_memory = True
+            if out_of_memory:
+                raise UsageError(trainer.out_of_memory_advice())
             step += 1
             if loss is None:
                 skipped += 1
@@ -730,27 +862,31 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
                 per_image = (clock() - sched_start_time) / (5 * cfg.batch_size)
                 eval_reserve = 1.0 + 0.5 * per_image * data["test_x"].shape[0]
             done = p >= 1.0 or step >= total
+            # a lone process acts on a signal at once; under torchrun at the next log step, as
+            # all ranks must stop at the same step and a signal may reach them a step apart
+            stopping = stop.signum is not None and dist.world_size == 1
             # checkpoint steps are log steps too: a poisoned model is never saved
-            if step % cfg.log_every == 0 or step % ckpt_steps == 0 or done or stop.signum:
-                mean_loss = (loss_sum / max(loss_count, 1)).item()  # the host sync
+            if step % cfg.log_every == 0 or step % ckpt_steps == 0 or done or stopping:
+                mean_loss, stopping, shared_time = trainer.sync(  # the host sync
+                    loss_sum, loss_count, stop.signum is not None, time_share())
                 if not math.isfinite(mean_loss) and cfg.nan_policy == "stop":
-                    raise UsageError(f"non-finite loss {mean_loss} near step {step}; the last "
-                                     f"good checkpoint {ckpt_path} is intact (try a lower --lr)")
+                    raise fault(f"non-finite loss {mean_loss} near step {step}")
                 now = clock()
                 ips = (step - last_log_step) * cfg.batch_size / max(now - last_log, 1e-9)
                 eta = (now - sched_start_time) * (1 - p) / max(p, 1e-9)
                 epoch = step / spe
                 progress_bar.show(f"step {step:,}/{total:,} | ep {epoch:.2f} | loss {mean_loss:.4f}"
                                   f" | lr {lr_at(p, cfg):.2e} | {ips:,.0f} img/s | ETA {fmt_time(eta)}")
-                record("train", step=step, epoch=round(epoch, 4), loss=mean_loss,
+                record("train", step=step, epoch=round(epoch, 4),
+                       loss=mean_loss if math.isfinite(mean_loss) else None,  # all skipped
                        lr=lr_at(p, cfg), img_per_s=round(ips, 1),
                        elapsed=round(prior_elapsed + now - train_start, 2), skipped=skipped)
                 loss_sum.zero_()
                 loss_count, last_log, last_log_step = 0, now, step
             if done:
                 break
-            if stop.signum:
-                stopped_by = signal.Signals(stop.signum).name
+            if stopping:
+                stopped_by = signal.Signals(stop.signum).name if stop.signum else "signal to another rank"
                 break
             if step % eval_steps == 0:
                 result = trainer.evaluate()
@@ -813,8 +949,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the paper's Tiny ViT (or a variant) on CIFAR-10, data and augmentation "
                     "on the device. Presets set defaults; any flag below overrides them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--variant", default="baseline",
-                        help="preset(s), comma-separated, later ones win (see --list-variants)")
+    parser.add_argument("--variant", default=argparse.SUPPRESS,  # typed or not: --resume asks
+                        help="preset(s), comma-separated, later ones win (see --list-variants) "
+                             "['baseline']")
     parser.add_argument("--list-variants", action="store_true",
                         help="print every preset with its parameters, GFLOPs and paper figures")
     parser.add_argument("--resume", default="", help="run folder or ckpt.pt to continue")
@@ -840,7 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     start = time.monotonic()
     args = vars(build_parser().parse_args(argv))
-    variant, resume, eval_only = args.pop("variant"), args.pop("resume"), args.pop("eval_only")
+    variant, resume, eval_only = args.pop("variant", None), args.pop("resume"), args.pop("eval_only")
     overwrite = args.pop("overwrite")
     try:
         if args.pop("list_variants"):
@@ -850,8 +987,7 @@ def main(argv=None) -> int:
         if resume:
             state = load_checkpoint(resume)
             saved = Config(**state["config"])
-            if "--variant" in (argv if argv is not None else sys.argv) and \
-                    resolve_config(variant).variant != saved.variant:
+            if variant is not None and resolve_config(variant).variant != saved.variant:
                 raise UsageError(f"checkpoint {resume} is from variant {saved.variant!r}, "
                                  f"not {variant!r}")
             changed = [k for k, v in args.items() if k not in RUN_FIELDS and getattr(saved, k) != v]
@@ -863,13 +999,19 @@ def main(argv=None) -> int:
         elif eval_only:
             raise UsageError("--eval-only needs --resume PATH (a run folder or checkpoint)")
         else:
-            cfg = resolve_config(variant, **args)
+            cfg = resolve_config(variant or "baseline", **args)
         train(cfg, state, overwrite=overwrite, eval_only=eval_only, start_time=start)
     except (UsageError, data_gpu.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError as e:  # outside the training step (loading, evaluation)
+        print(f"error: {str(e).partition('. ')[0]}; try a smaller --batch-size", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if torch.distributed.is_initialized():  # under torchrun: leave the process group cleanly
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
