@@ -704,6 +704,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        if self.signum is not None:  # asked twice: stop now, without the checkpoint
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc):

@@ -426,6 +426,21 @@ def test_interrupted_run_resumes_to_identical_weights(interruption, archive, fin
     assert json.load(open(cut / "summary.json"))["steps"] == 12
 
 
+def test_second_signal_aborts_at_once(archive, tmp_path, monkeypatch):
+    """Ctrl-C twice: no waiting for the step's end, no checkpoint; the epoch's one stays."""
+    out = tmp_path / "run"
+
+    def twice(trainer, s):
+        if s == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+    after_step(monkeypatch, twice)
+    with pytest.raises(KeyboardInterrupt):
+        S.main(["--data", archive, "--out", str(out)] + TINY)
+    assert load_ckpt(out)["step"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+
+
 # ----------------------------------------------------------------------------------------------
 # Faults: non-finite loss, out of memory
 
@@ -555,6 +570,9 @@ def _ddp_worker(rank, world, port, root, archive):
     with pytest.MonkeyPatch.context() as p:
         p.setattr(data_gpu, "augment", _flat_augment)
         run("flat", base + FLAT + ["--out", f"{root}/flat"])
+    # a time budget: each rank's clock differs, yet all must use one lr and stop at one step
+    run("budget", base + ["--out", f"{root}/budget", "--epochs", "1000", "--time-budget", "3",
+                          "--log-every", "3"])
     patch.undo()
 
 
@@ -569,7 +587,7 @@ def ddp_runs(archive, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ddp"))
     ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), root, archive), nprocs=2,
                              join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 150
     while not ctx.join(timeout=1):  # a child's exception is re-raised here with its traceback
         if time.monotonic() > deadline:
             for p in ctx.processes:
@@ -605,13 +623,14 @@ def test_ddp_matches_one_process_with_the_same_global_batch(ddp_runs, archive, t
 
 
 def test_ddp_ranks_stay_identical_and_only_rank_0_writes(ddp_runs):
-    for name in ("whole", "resumed", "skip", "flat"):
+    for name in ("whole", "resumed", "skip", "flat", "budget"):
         assert_same_tensors(_weights(ddp_runs, name, 0), _weights(ddp_runs, name, 1), name)
     # errors are each process's own to report (their cause may be local to it), progress is not
     rank1 = open(os.path.join(ddp_runs, "rank1.log")).read().splitlines()
     assert [line.split(";")[0] for line in rank1] == ["error: non-finite loss nan near step 12"]
     assert json.load(open(os.path.join(ddp_runs, "skip", "summary.json")))["skipped"] == 1
     assert load_ckpt(os.path.join(ddp_runs, "stop"))["step"] == 8
+    assert 3 < json.load(open(os.path.join(ddp_runs, "budget", "summary.json")))["steps"] < 4000
 
 
 def test_ddp_run_interrupted_on_one_rank_resumes_to_identical_weights(ddp_runs):
