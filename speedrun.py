@@ -767,10 +767,12 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     log = print if dist.main else (lambda *a, **k: None)
-    if not dist.main:  # rank 0 alone downloads and caches the data; the others then read it
+    # the first process of each machine alone downloads and caches the data; the others then
+    # read its copy (the barriers are global: all first processes load before any other does)
+    if dist.local_rank != 0:
         torch.distributed.barrier()
     data = data_gpu.load_cifar10(cfg.data or None, log=log)
-    if dist.main and dist.world_size > 1:
+    if dist.local_rank == 0 and dist.world_size > 1:
         torch.distributed.barrier()
     trainer = Trainer(cfg, data, device, dist)
     step, prior_elapsed, skipped = 0, 0.0, 0
