@@ -1,0 +1,118 @@
+"""bench/ablate.py: runs variants under one budget, writes its table and JSON, resumes."""
+import json
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+import speedrun
+from bench import ablate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Batches of 8 gain nothing from a second thread, and on a loaded 2-core machine two
+    threads wait on each other (5x slower): keep the test fast wherever it runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path):
+    """A CIFAR-10 archive in the official layout (Python-2 style pickles with bytes keys),
+    with 16 images per training batch and 20 test images, so a run takes seconds."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    sizes = {f"data_batch_{i}": 16 for i in range(1, 6)}
+    sizes["test_batch"] = 20
+    for name, n in sizes.items():
+        batch = {b"batch_label": name.encode(), b"data": rng.integers(0, 256, (n, 3072), np.uint8),
+                 b"labels": rng.integers(0, 10, n).tolist(),
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return str(archive)
+
+
+def test_runs_variants_writes_table_and_skips_finished_on_rerun(tiny_cifar, tmp_path, monkeypatch,
+                                                               capsys):
+    out = tmp_path / "ablate"
+    argv = ["--variants", "dim96,mcls", "--max-steps", "3", "--batch-size", "8",
+            "--data", tiny_cifar, "--device", "cpu", "--out", str(out)]
+    assert ablate.main(argv) == 0
+    report = json.load(open(out / "ablate.json"))
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == ["dim96", "mcls"] and report["budget"]["max_steps"] == 3
+    for name, row in rows.items():
+        assert row["status"] == "ran" and row["steps"] == 3
+        assert 0 <= row["test_acc"] <= 100 and row["img_per_s"] > 0
+        assert row["paper_acc"] == speedrun.VARIANTS[name].paper_acc
+        assert json.load(open(out / name / "summary.json"))["steps"] == 3
+    table = (out / "ablate.md").read_text()
+    assert "| dim96 |" in table and "| mcls |" in table and "90.41" in table and "93.95" in table
+    assert "| mcls |" in capsys.readouterr().out  # the final table on stdout
+
+    # rerun: both are finished with this budget, so the trainer is never called
+    calls = []
+    monkeypatch.setattr(speedrun, "train", lambda *a, **k: calls.append(a) or {})
+    assert ablate.main(argv) == 0
+    assert calls == []
+    assert [r["status"] for r in json.load(open(out / "ablate.json"))["rows"]] == ["cached"] * 2
+
+    # an unfinished run (no summary) with a checkpoint of this very config resumes from it
+    os.remove(out / "dim96" / "summary.json")
+    seen = []
+    monkeypatch.setattr(speedrun, "train", lambda cfg, **k: seen.append((cfg.variant, k)) or
+                        {"steps": 3, "test_acc": 10.0, "train_s": 1.0})
+    assert ablate.main(argv) == 0
+    resumed = [(v, k["resume_state"]["step"], k["overwrite"]) for v, k in seen]
+    assert resumed == [("dim96", 3, False)]
+
+    # another budget is another experiment: both run again
+    monkeypatch.setattr(speedrun, "train", lambda cfg, **k: calls.append(cfg.max_steps) or
+                        {"steps": cfg.max_steps, "test_acc": 10.0, "train_s": 1.0})
+    assert ablate.main(argv[:3] + ["4"] + argv[4:]) == 0
+    assert calls == [4, 4]
+
+
+def test_unfinished_variant_is_restarted_with_overwrite(tiny_cifar, tmp_path, monkeypatch):
+    out = tmp_path / "ablate"
+    argv = ["--variants", "dim96", "--max-steps", "3", "--batch-size", "8", "--data", tiny_cifar,
+            "--device", "cpu", "--out", str(out)]
+    (out / "dim96").mkdir(parents=True)
+    (out / "dim96" / "config.json").write_text("{}")  # started once, never finished
+    seen = []
+    monkeypatch.setattr(speedrun, "train", lambda cfg, **k: seen.append(k) or
+                        {"steps": 3, "test_acc": 10.0, "train_s": 1.0})
+    assert ablate.main(argv) == 0
+    assert seen[0]["overwrite"] is True and seen[0]["resume_state"] is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "baseline,mcsl"], "did you mean mcls"),
+    (["--variants", "baseline", "--batch-size", "0"], "--batch-size must be positive"),
+    (["--variants", "baseline,baseline"], "twice"),
+    (["--variants", "baseline", "--epochs", "1"], "not allowed with argument --epochs"),
+])
+def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
+    assert ablate.main(argv + ["--max-steps", "3", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        ablate.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--variants", "--epochs", "--max-steps", "--time-budget", "--seed",
+                 "--batch-size", "--data", "--device", "--out"):
+        assert flag in text
