@@ -348,7 +348,8 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"paper loop: {s['img_per_s']:.1f} img/s (median, steps > {WARMUP_STEPS}; mean "
+    timed = f"steps > {WARMUP_STEPS}" if s["steps"] > WARMUP_STEPS else "all steps: a short run"
+    print(f"paper loop: {s['img_per_s']:.1f} img/s (median, {timed}; mean "
           f"{s['img_per_s_mean']:.1f}) | train loss {s['train_loss']:.4f} | test acc "
           f"{s['test_acc']:.2f}% ({s['test_images']:,} images) | {s['steps']} steps of "
           f"{s['batch_size']}, {s['workers']} workers, {s['threads']} threads | {args.out}")
