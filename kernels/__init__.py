@@ -1,0 +1,89 @@
+"""The one dispatch point for fused kernels: Triton on CUDA, the PyTorch reference elsewhere.
+
+The model calls only `attention` and `lowrank_linear`; `set_backend` (from `--kernels`) decides
+which implementation runs:
+
+* 'auto'      Triton kernels when the tensors are on CUDA and triton imports, else 'torch'.
+* 'triton'    the Triton kernels always (CPU tensors only under TRITON_INTERPRET=1, in Triton's
+              interpreter: slow, for tests and tiny runs).
+* 'torch'     plain PyTorch autograd (matmul/softmax/matmul, two F.linear): the fastest on CPU.
+* 'reference' the kernels' custom ops with their PyTorch references inside: the same saved
+              tensors (activation memory) and the same maths as 'triton', at CPU speed.
+
+Kernel families live one per file: flash_attn.py (attention) and lowrank.py (MLA projection),
+each with its Triton kernels, PyTorch references and autograd registration. The file is not
+called attention.py because that name would shadow this package's `attention` function.
+"""
+import warnings
+
+import torch
+
+from ._triton import HAVE_TRITON
+from .flash_attn import HEAD_DIMS, MAX_SEQ, attention_math, flash_attention
+from .lowrank import fused_lowrank, lowrank_math
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+_BACKEND = "auto"
+_warned = set()
+
+
+def set_backend(name: str) -> None:
+    global _BACKEND
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r} (choose {', '.join(BACKENDS)})")
+    if name == "triton" and not HAVE_TRITON:
+        raise RuntimeError("kernel backend 'triton' needs the triton package")
+    _BACKEND = name
+
+
+def get_backend() -> str:
+    return _BACKEND
+
+
+def _impl(t: torch.Tensor) -> str:
+    """'math' for plain autograd, else the custom op's implementation: 'triton' or 'torch'."""
+    if _BACKEND == "auto":
+        return "triton" if t.is_cuda and HAVE_TRITON else "math"
+    return {"torch": "math", "reference": "torch", "triton": "triton"}[_BACKEND]
+
+
+def _autocast(device_type: str, *tensors):
+    """Custom ops are invisible to autocast, so cast as F.linear/matmul would have."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def _fallback(why: str) -> str:
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"kernels: {why}; using the PyTorch math path", stacklevel=3)
+    return "math"
+
+
+def attention(q, k, v, scale, diag_mask: bool = False):
+    """softmax(scale · q kᵀ) v over (B, H, N, D) tensors; `scale` is a float or a learnable
+    tensor (scalar per layer or (H,) per head); diag_mask hides each token from itself (LSA)."""
+    impl = _impl(q)
+    (B, H, _, D), N = q.shape, k.shape[2]
+    if impl != "math" and (N > MAX_SEQ or D > max(HEAD_DIMS)):
+        impl = _fallback(f"attention kernel covers N ≤ {MAX_SEQ} keys, D ≤ {max(HEAD_DIMS)} (got N={N}, D={D})")
+    if impl == "math":
+        return attention_math(q, k, v, scale, diag_mask)
+    q, k, v = _autocast(q.device.type, q, k, v)
+    if torch.is_tensor(scale):
+        if scale.numel() not in (1, H):
+            raise ValueError(f"scale tensor must be 0-dim or (H,)=({H},), got {tuple(scale.shape)}")
+        temp = scale.reshape(()) if scale.numel() == 1 else scale.reshape(H)
+        return flash_attention(q, k, v, 1.0, temp, diag_mask, impl)
+    return flash_attention(q, k, v, float(scale), None, diag_mask, impl)
+
+
+def lowrank_linear(x, w_down, w_up, b):
+    """y = (x W_downᵀ) W_upᵀ + b: the low-rank (MLA) projection."""
+    impl = _impl(x)
+    if impl == "math":
+        return lowrank_math(x, w_down, w_up, b)
+    x, w_down, w_up, b = _autocast(x.device.type, x, w_down, w_up, b)
+    return fused_lowrank(x, w_down, w_up, b, impl)

@@ -1,0 +1,219 @@
+"""Ahead-of-time build of every kernel configuration the variants use, without a GPU.
+
+    python -m kernels.aot [--arch 80 86 90] [--jobs 2]
+
+For each configuration and target (sm_80 A100, sm_86 RTX 3090, sm_90 H100) it runs
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`, reads the cubin's
+resource usage with the `cuobjdump` shipped in the triton wheel, and prints registers, shared
+memory (Triton's dynamic shared memory, from the compile metadata) and local memory (spill
+stack + local bytes). It exits non-zero if any configuration spills or needs more shared
+memory than sm_86 grants one block (99 KB): such a configuration is not done.
+
+Signatures mirror what a JIT launch specialises at the variants' shapes: pointers and the
+integer arguments that are multiples of 16 there (widths, row and batch strides) carry
+`tt.divisibility=16`; nothing else is specialised.
+Results are cached by kernel source, configuration and target in ~/.cache/vitk-aot.
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from itertools import product
+from pathlib import Path
+
+import torch
+
+from . import flash_attn as attention, lowrank
+
+TARGETS = (80, 86, 90)
+SMEM_LIMIT_SM86 = 99 * 1024  # opt-in maximum per block on sm_86 (sm_80: 163 KB, sm_90: 227 KB)
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+CACHE = Path(os.environ.get("VITK_AOT_CACHE", Path.home() / ".cache" / "vitk-aot"))
+
+# What the variants run (key counts pick BLOCK_N): baseline/spt/cait 65 tokens (width 192, 12
+# heads → D 16), gap 64, mcls 66 (width 96 → D 8), 67 with three CLS tokens, up to 128; other
+# head counts give D 32 or 64.
+SEQ_LENS = (64, 65, 66, 67, 128)
+LSA_MODES = {"off": dict(HAS_T=False, T_PER_HEAD=False, DIAG=False),
+             "lsa-layer": dict(HAS_T=True, T_PER_HEAD=False, DIAG=True),
+             "lsa-head": dict(HAS_T=True, T_PER_HEAD=True, DIAG=True)}
+LOWRANK_SHAPES = ((192, 64, 192), (96, 64, 96))  # (in, latent, out)
+
+
+@dataclass(frozen=True)
+class Build:
+    kernel: str               # kernel function name
+    config: str               # human-readable configuration
+    fn: object = field(repr=False, compare=False)
+    signature: tuple = ()     # ((arg, type), ...)
+    constexprs: tuple = ()    # ((arg, value), ...)
+    aligned: tuple = ()       # args a JIT launch sees divisible by 16 (pointers, most strides)
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def key(self, cap: int) -> str:
+        import triton
+        blob = json.dumps([self.fn.cache_key, self.signature, self.constexprs, self.aligned, self.num_warps,
+                           self.num_stages, cap, triton.__version__])
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _signature(fn, pointers: dict, floats=(), constexprs=None) -> tuple:
+    """Every argument typed: pointers by element type, listed floats fp32, constexprs as such,
+    the rest i32 (sizes and strides)."""
+    constexprs = constexprs or {}
+    sig = []
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig.append((name, "constexpr"))
+        elif name in pointers:
+            sig.append((name, "*" + pointers[name]))
+        else:
+            sig.append((name, "fp32" if name in floats else "i32"))
+    return tuple(sig)
+
+
+def _build(fn, config, pointers, floats, constexprs, num_warps, num_stages, aligned_ints=()):
+    """JIT launches specialise pointers and integers divisible by 16 (vector loads); say the
+    same here for pointers and for the integer args that are multiples of 16 at real shapes."""
+    aligned = tuple(a for a in fn.arg_names if a in pointers or a in aligned_ints)
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    return Build(fn.fn.__name__, config, fn, _signature(fn, pointers, floats, constexprs),
+                 tuple(sorted(constexprs.items())), aligned, num_warps, num_stages)
+
+
+def _dedupe(builds):
+    """One build per distinct compile; the configs that share it are listed in its label."""
+    merged = {}
+    for b in builds:
+        key = (b.kernel, b.signature, b.constexprs, b.aligned, b.num_warps, b.num_stages)
+        shape = b.config.split(" ")[0]
+        if key in merged:
+            first = merged[key]
+            if shape not in first.config.split(" ")[0].split("|"):
+                head, rest = first.config.split(" ", 1)
+                merged[key] = replace(first, config=f"{head}|{shape} {rest}")
+        else:
+            merged[key] = b
+    return list(merged.values())
+
+
+def attention_builds(seq_lens=SEQ_LENS, head_dims=attention.HEAD_DIMS, dtypes=tuple(DTYPES),
+                     lsa_modes=tuple(LSA_MODES)):
+    builds = []
+    for n, d, dtype, mode in product(seq_lens, head_dims, dtypes, lsa_modes):
+        dt = DTYPES[dtype]
+        for which, fn in (("fwd", attention._attn_fwd_kernel), ("bwd", attention._attn_bwd_kernel)):
+            cfg = attention.attn_config(n, d, dtype, which)
+            meta = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+            const = dict(HEAD_DIM=d, **LSA_MODES[mode], **cfg)
+            ptrs = {a: dt for a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+            ptrs.update(LSE="fp32", T="fp32", DT="fp32")
+            # batch and row strides are multiples of 16 at real widths; head strides iff D is
+            strides = [a for a in fn.arg_names if a.startswith("s") and a[-1] in "bn" + "h" * (d % 16 == 0)]
+            label = f"N≤{cfg['BLOCK_N']} D{d} {dt} {mode} BM{cfg['BLOCK_M']} w{meta['num_warps']}"
+            builds.append(_build(fn, label, ptrs, ("scale",), const, aligned_ints=strides, **meta))
+    return _dedupe(builds)
+
+
+def lowrank_builds(shapes=LOWRANK_SHAPES, dtypes=tuple(DTYPES)):
+    builds = []
+    for (c_in, r, c_out), dtype in product(shapes, dtypes):
+        dt = DTYPES[dtype]
+        for which, fn in (("fwd", lowrank._lowrank_fwd_kernel), ("bwd", lowrank._lowrank_bwd_kernel)):
+            cfg = lowrank.lowrank_config(c_in, r, c_out, dtype, which)
+            meta = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+            ptrs = {a: dt for a in ("X", "WD", "WU", "BIAS", "Y", "DY", "DX", "HID", "DHID")}
+            label = f"{c_in}->{r}->{c_out} {dt} BM{cfg['BLOCK_M']} w{meta['num_warps']}"
+            builds.append(_build(fn, label, ptrs, (), dict(R=r, HAS_BIAS=True, **cfg),
+                                 aligned_ints=("C_IN", "C_OUT", "sxm", "sym", "sdym", "sdxm"), **meta))
+    return _dedupe(builds)
+
+
+def all_builds():
+    return attention_builds() + lowrank_builds()
+
+
+def cuobjdump() -> str:
+    import triton
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.exists():
+        raise FileNotFoundError(f"no cuobjdump in the triton wheel at {path}")
+    return str(path)
+
+
+def compile_one(build: Build, cap: int) -> dict:
+    """Compile for sm_<cap> and return its resource usage (cached)."""
+    cached = CACHE / f"{build.key(cap)}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    attrs = {(build.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in build.aligned}
+    src = ASTSource(fn=build.fn, signature=dict(build.signature), constexprs=dict(build.constexprs),
+                    attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                            options=dict(num_warps=build.num_warps, num_stages=build.num_stages))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cubin = CACHE / f"{build.key(cap)}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    out = subprocess.run([cuobjdump(), "--dump-resource-usage", str(cubin)],
+                         capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"unexpected cuobjdump output for {build.kernel}:\n{out}")
+    regs, stack, static_smem, local = map(int, m.groups())
+    res = dict(regs=regs, smem=static_smem + kernel.metadata.shared, local=stack + local)
+    cached.write_text(json.dumps(res))
+    cubin.unlink()
+    return res
+
+
+def ok(res: dict) -> bool:
+    return res["local"] == 0 and res["smem"] <= SMEM_LIMIT_SM86
+
+
+def _job(args):
+    build, cap = args
+    return compile_one(build, cap)
+
+
+def run(builds, targets=TARGETS, jobs=1):
+    """[(build, cap, resources)] for every build × target."""
+    work = [(b, cap) for b in builds for cap in targets]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            results = list(pool.map(_job, work))
+    else:
+        results = [_job(w) for w in work]
+    return [(b, cap, r) for (b, cap), r in zip(work, results)]
+
+
+def table(rows) -> str:
+    lines = [f"{'kernel':<22} {'config':<40} {'target':<6} {'regs':>4} {'smem B':>7} {'spill B':>7}"]
+    for b, cap, r in rows:
+        flag = "" if ok(r) else "  <-- FAIL"
+        lines.append(f"{b.kernel:<22} {b.config:<40} sm_{cap:<3} {r['regs']:>4} {r['smem']:>7} {r['local']:>7}{flag}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, nargs="+", default=list(TARGETS))
+    ap.add_argument("--jobs", type=int, default=1, help="parallel compiles (the machine may be shared)")
+    args = ap.parse_args(argv)
+    rows = run(all_builds(), args.arch, args.jobs)
+    print(table(rows))
+    bad = [r for r in rows if not ok(r[2])]
+    print(f"\n{len(rows)} kernel builds, {len(bad)} failing (spills, or smem > {SMEM_LIMIT_SM86} B)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
