@@ -1,0 +1,478 @@
+"""Tests for data_gpu: reading and caching CIFAR-10, augmentations against hand-computed PIL
+results, CutMix/MixUp, and the stateless sampler. Tiny archives are built in tmp_path."""
+import hashlib
+import io
+import os
+import pickle
+import sys
+import tarfile
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data_gpu  # noqa: E402
+from data_gpu import AA_OPS, DataError  # noqa: E402
+
+REAL_ARCHIVE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar-10-python.tar.gz")
+NAMES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
+quiet = lambda *args: None
+DECODE = data_gpu._decode
+
+
+# ----------------------------------------------------------------------------- tiny data sets
+
+def batch_dicts(per_batch=3, bytes_keys=True, seed=0):
+    rng = np.random.default_rng(seed)
+    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+    return {name: {key("data"): rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                   key("labels"): [int(v) for v in rng.integers(0, 10, per_batch)],
+                   key("batch_label"): b"tiny" if bytes_keys else "tiny"} for name in NAMES}
+
+
+def write_archive(path, batches, folder="cifar-10-batches-py"):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, batch in batches.items():
+            raw = batch if isinstance(batch, bytes) else pickle.dumps(batch, protocol=2)
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return str(path)
+
+
+def write_folder(path, batches):
+    os.makedirs(path, exist_ok=True)
+    for name, batch in batches.items():
+        with open(os.path.join(path, name), "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return str(path)
+
+
+def expected(batches, key=b"data", labels=b"labels"):
+    train = [batches[name] for name in NAMES[:5]]
+    return (np.concatenate([b[key] for b in train]).reshape(-1, 3, 32, 32),
+            np.concatenate([b[labels] for b in train]), batches["test_batch"][key].reshape(-1, 3, 32, 32))
+
+
+def check_loaded(data, batches, bytes_keys=True):
+    train_x, train_y, test_x = expected(batches, *((b"data", b"labels") if bytes_keys else ("data", "labels")))
+    assert data["train_x"].dtype == torch.uint8 and data["train_y"].dtype == torch.int64
+    assert all(t.is_contiguous() and t.device.type == "cpu" for t in data.values())
+    assert np.array_equal(data["train_x"].numpy(), train_x) and np.array_equal(data["train_y"].numpy(), train_y)
+    assert np.array_equal(data["test_x"].numpy(), test_x) and data["test_y"].shape == (len(test_x),)
+
+
+# ----------------------------------------------------------------------------- reading
+
+@pytest.mark.parametrize("bytes_keys", [True, False])
+def test_reads_archive_with_bytes_or_str_keys(tmp_path, bytes_keys):
+    batches = batch_dicts(bytes_keys=bytes_keys)
+    data = data_gpu.load_cifar10(write_archive(tmp_path / "c.tar.gz", batches), log=quiet)
+    check_loaded(data, batches, bytes_keys)
+    assert data["train_x"].shape == (15, 3, 32, 32) and data["test_x"].shape == (3, 3, 32, 32)
+
+
+def test_reads_extracted_folder_its_parent_and_archive_folder(tmp_path):
+    batches = batch_dicts()
+    folder = write_folder(tmp_path / "x" / "cifar-10-batches-py", batches)
+    for path in (folder, tmp_path / "x"):
+        check_loaded(data_gpu.load_cifar10(str(path), root=str(tmp_path / "r"), log=quiet), batches)
+    os.makedirs(tmp_path / "y")
+    write_archive(tmp_path / "y" / "cifar-10-python.tar.gz", batches)
+    check_loaded(data_gpu.load_cifar10(str(tmp_path / "y"), log=quiet), batches)
+
+
+def bad_batches(**change):
+    batches = batch_dicts()
+    batches["data_batch_2"].update({k.encode(): v for k, v in change.items()})
+    return batches
+
+
+@pytest.mark.parametrize("batches, message", [
+    (bad_batches(data=np.zeros((3, 3000), np.uint8)), "data_batch_2: data is uint8 (3, 3000)"),
+    (bad_batches(data=np.zeros((3, 3072), np.int64)), "expected uint8 (n, 3072)"),
+    (bad_batches(labels=[0, 10, 3]), "labels run from 0 to 10"),
+    (bad_batches(labels=[0, 1]), "expected 3 integers"),
+    (bad_batches(labels=[[0], [1, 2], 3]), "labels are not a list of integers"),
+    ({n: b for n, b in batch_dicts().items() if n != "data_batch_3"}, "no cifar-10-batches-py/data_batch_3"),
+    ({**batch_dicts(), "test_batch": b"not a pickle"}, "test_batch: not a CIFAR-10 batch pickle"),
+    ({**batch_dicts(), "test_batch": pickle.dumps([1, 2])}, "test_batch: holds a list"),
+    ({**batch_dicts(), "test_batch": pickle.dumps({"data": 1})}, "no 'data' and 'labels'"),
+    ({**batch_dicts(), "test_batch": b"cos\nsystem\n(S'echo pwned'\ntR."}, "unexpected object os.system"),
+])
+def test_bad_batches_raise_one_line_data_errors(tmp_path, batches, message):
+    with pytest.raises(DataError) as err:
+        data_gpu.load_cifar10(write_archive(tmp_path / "c.tar.gz", batches), log=quiet)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_archives_and_paths(tmp_path):
+    good = open(write_archive(tmp_path / "good.tar.gz", batch_dicts()), "rb").read()
+    (tmp_path / "cut.tar.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "junk.tar.gz").write_bytes(b"\x1f\x8b garbage" * 100)
+    write_archive(tmp_path / "layout.tar.gz", batch_dicts(), folder="elsewhere")
+    # a flipped bit the pickles survive (here: in gzip's CRC itself) is found by reading to the end
+    (tmp_path / "crc.tar.gz").write_bytes(good[:-8] + bytes([good[-8] ^ 1]) + good[-7:])
+    for name, message in [("cut.tar.gz", "cannot be read"), ("junk.tar.gz", "cannot be read"),
+                          ("crc.tar.gz", "CRC check failed"),
+                          ("layout.tar.gz", "not the official"), ("missing.tar.gz", "no such file or folder")]:
+        with pytest.raises(DataError, match=message):
+            data_gpu.load_cifar10(str(tmp_path / name), log=quiet)
+    folder = write_folder(tmp_path / "cifar-10-batches-py", batch_dicts())
+    os.remove(os.path.join(folder, "data_batch_4"))
+    with pytest.raises(DataError, match="missing data_batch_4"):
+        data_gpu.load_cifar10(folder, log=quiet)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(DataError, match="holds neither"):
+        data_gpu.load_cifar10(str(tmp_path / "empty"), log=quiet)
+
+
+# ----------------------------------------------------------------------------- cache
+
+def count_decodes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(data_gpu, "_decode", lambda source: calls.append(source) or DECODE(source))
+    return calls
+
+
+def test_cache_is_used_rebuilt_when_stale_and_when_corrupt(tmp_path, monkeypatch):
+    batches = batch_dicts()
+    archive = write_archive(tmp_path / "c.tar.gz", batches)
+    calls = count_decodes(monkeypatch)
+    data_gpu.load_cifar10(archive, log=quiet)
+    cache = archive + ".u8cache.pt"
+    assert os.path.exists(cache) and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+    monkeypatch.setattr(data_gpu, "_decode", lambda source: pytest.fail("decoded although cached"))
+    check_loaded(data_gpu.load_cifar10(archive, log=quiet), batches)
+
+    calls = count_decodes(monkeypatch)
+    stat = os.stat(archive)
+    os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: stale
+    check_loaded(data_gpu.load_cifar10(archive, log=quiet), batches)
+    zeros = torch.zeros(15, 3, 32, 32, dtype=torch.uint8)
+    for corrupt in (lambda: open(cache, "r+b").truncate(os.path.getsize(cache) // 2),
+                    lambda: open(cache, "wb").write(b"garbage"),
+                    lambda: torch.save({**torch.load(cache), "train_x": zeros}, cache)):  # fails its checksum
+        corrupt()
+        check_loaded(data_gpu.load_cifar10(archive, log=quiet), batches)
+    assert len(calls) == 4
+    check_loaded(data_gpu.load_cifar10(archive, log=quiet), batches)
+    assert len(calls) == 4
+
+
+def test_cache_goes_to_root_when_the_source_folder_is_read_only(tmp_path):
+    batches = batch_dicts()
+    folder = write_folder(tmp_path / "ro" / "cifar-10-batches-py", batches)
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        check_loaded(data_gpu.load_cifar10(folder, root=str(tmp_path / "root"), log=quiet), batches)
+        assert os.listdir(tmp_path / "ro") == ["cifar-10-batches-py"]
+        assert os.listdir(tmp_path / "root") == ["cifar-10-batches-py.u8cache.pt"]
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+
+
+# ----------------------------------------------------------------------------- download
+
+class FakeResponse(io.BytesIO):
+    def __init__(self, payload):
+        super().__init__(payload)
+        self.headers = {"Content-Length": str(len(payload))}
+
+
+def serve(monkeypatch, payload=None, error=None):
+    def urlopen(url, timeout=None):
+        assert url == data_gpu.CIFAR_URL
+        if error:
+            raise error
+        return FakeResponse(payload)
+    monkeypatch.setattr(data_gpu.urllib.request, "urlopen", urlopen)
+
+
+def test_download_verifies_md5_before_publishing(tmp_path, monkeypatch):
+    payload = open(write_archive(tmp_path / "served.tar.gz", batch_dicts()), "rb").read()
+    root = tmp_path / "root"
+    serve(monkeypatch, payload)
+    with pytest.raises(DataError, match="corrupt"):
+        data_gpu.load_cifar10(root=str(root), log=quiet)
+    assert os.listdir(root) == []  # neither the archive nor the .part file
+
+    monkeypatch.setattr(data_gpu, "CIFAR_MD5", hashlib.md5(payload).hexdigest())
+    logged = []
+    check_loaded(data_gpu.load_cifar10(root=str(root), log=logged.append), batch_dicts())
+    assert open(root / "cifar-10-python.tar.gz", "rb").read() == payload
+    assert not (root / ".cifar-10-python.tar.gz.part").exists() and any("100%" in line for line in logged)
+    serve(monkeypatch, error=AssertionError("must not download again"))
+    check_loaded(data_gpu.load_cifar10(root=str(root), log=quiet), batch_dicts())
+
+
+def test_offline_download_says_what_to_do(tmp_path, monkeypatch):
+    serve(monkeypatch, error=urllib.error.URLError("no network"))
+    with pytest.raises(DataError, match="download it by hand and pass --data"):
+        data_gpu.load_cifar10(root=str(tmp_path), log=quiet)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.exists(REAL_ARCHIVE), reason="shared CIFAR-10 archive not present")
+def test_real_archive(tmp_path):
+    data = data_gpu.load_cifar10(REAL_ARCHIVE, root=str(tmp_path), log=quiet)
+    assert data["train_x"].shape == (50000, 3, 32, 32) and data["test_x"].shape == (10000, 3, 32, 32)
+    assert data["train_x"].dtype == torch.uint8 and data["test_y"].dtype == torch.int64
+    assert data["train_y"].bincount().tolist() == [5000] * 10 and data["test_y"].bincount().tolist() == [1000] * 10
+    again = data_gpu.load_cifar10(REAL_ARCHIVE, root=str(tmp_path), log=quiet)  # from the cache
+    assert all(torch.equal(data[k], again[k]) for k in data)
+
+
+# ----------------------------------------------------------------------------- AutoAugment ops
+
+def image(*channels):
+    """(1,3,H,W) float image from three nested lists, or one list used for all channels."""
+    planes = [torch.tensor(c, dtype=torch.float32) for c in channels]
+    return torch.stack(planes * 3 if len(planes) == 1 else planes)[None]
+
+
+def op(name, x, p):
+    return AA_OPS[name](x, torch.full((len(x),), float(p)))
+
+
+def test_point_ops():
+    x = image([[0, 15, 16, 127], [128, 200, 254, 255]])
+    assert op("invert", x, 0).equal(255 - x)
+    assert op("solarize", x, 128).equal(image([[0, 15, 16, 127], [127, 55, 1, 0]]))
+    assert op("posterize", x, 4).equal(image([[0, 0, 16, 112], [128, 192, 240, 240]]))
+    assert op("brightness", x, 1.5).equal(image([[0, 22, 24, 190], [192, 255, 255, 255]]))
+    assert op("brightness", image([[101, 3]]), 0.5).equal(image([[50, 1]]))  # PIL truncates
+
+
+def test_grey_contrast_color():
+    assert data_gpu._grey(image([[255, 0, 0]], [[0, 255, 0]], [[0, 0, 255]])).flatten().tolist() == [76, 150, 29]
+    grey = image([[0, 100], [100, 200]])  # L mean 100
+    assert op("contrast", grey, 2).equal(image([[0, 100], [100, 255]]))
+    assert op("contrast", grey, 0.5).equal(image([[50, 100], [100, 150]]))
+    # mean of L = (76 + 0 + 0 + 0) / 4 = 19: red 19 + 0.5 * (255 - 19) = 137, green/blue 19 - 9.5 -> 9
+    red = image([[255, 0], [0, 0]], [[0, 0], [0, 0]], [[0, 0], [0, 0]])
+    assert op("contrast", red, 0.5)[0, :, 0, 0].tolist() == [137, 9, 9]
+    pixel = image([[100]], [[50]], [[0]])  # L = 59.75 -> 59
+    assert op("color", pixel, 0).flatten().tolist() == [59, 59, 59]
+    assert op("color", pixel, 2).flatten().tolist() == [141, 41, 0]
+
+
+def test_sharpness_smooths_the_interior_with_pil_rounding():
+    for centre, smooth in [(23, 15), (24, 15), (30, 18)]:  # (80 + 5 c) / 13 = 15.0, 15.4, 17.7
+        x = image([[10, 10, 10], [10, centre, 10], [10, 10, 10]])
+        assert op("sharpness", x, 0).equal(image([[10, 10, 10], [10, smooth, 10], [10, 10, 10]]))
+        assert op("sharpness", x, 2)[0, 0, 1, 1] == min(smooth + 2 * (centre - smooth), 255)
+        assert op("sharpness", x, 2)[0, 0, 0].tolist() == [10, 10, 10]
+
+
+def test_autocontrast_and_equalize():
+    x = image([[50, 100, 150]], [[7, 7, 7]], [[0, 2, 7]])
+    assert op("autocontrast", x, 0).equal(image([[0, 127, 255]], [[7, 7, 7]], [[0, 72, 255]]))  # truncated
+    # PIL computes int(v * (255 / 210) - 0) in float64: 210 -> 254.99999999999997 -> 254
+    assert op("autocontrast", image([[0, 105, 210]]), 0).equal(image([[0, 127, 254]]))
+    # 512 pixels of 10, 256 of 20, 256 of 30: step = (1024 - 256) // 255 = 3, lut = (1 + cumsum) // 3
+    plane = torch.tensor([10.0] * 512 + [20.0] * 256 + [30.0] * 256).view(32, 32)
+    out = op("equalize", torch.stack([plane, plane, torch.full((32, 32), 9.0)])[None], 0)
+    assert torch.equal(out[0, 0], plane.clone().apply_(lambda v: {10: 0, 20: 171, 30: 255}[v]))
+    assert (out[0, 2] == 9).all()  # a single value (step 0) stays as it is
+
+
+def test_shear_is_pil_bicubic_with_grey_fill():
+    ramp = image([list(range(0, 80, 10))] * 2)
+    # p = 2: rows shift by exactly 1 and 3 pixels
+    assert op("shearX", ramp, 2)[0, 0].tolist() == [[10, 20, 30, 40, 50, 60, 70, 128],
+                                                    [30, 40, 50, 60, 70, 128, 128, 128]]
+    # p = 1: half-pixel shift, PIL's a = -1 cubic: weights (-1/8, 5/8, 5/8, -1/8), taps clamped at the border
+    assert op("shearX", ramp, 1)[0, 0, 0].tolist() == [3, 15, 25, 35, 45, 55, 66, 128]
+    step = image([[0, 0, 0, 0, 100, 100, 100, 100]])
+    assert op("shearX", step, 1)[0, 0, 0].tolist() == [0, 0, 0, 50, 112, 100, 100, 128]
+    assert op("shearX", ramp, -2)[0, 0, 1].tolist() == [128, 128, 128, 0, 10, 20, 30, 40]
+    x = torch.arange(3 * 6 * 5, dtype=torch.float32).view(1, 3, 6, 5)
+    assert op("shearY", x, 0.7).equal(op("shearX", x.transpose(2, 3), 0.7).transpose(2, 3))
+
+
+def test_translate_and_rotate_are_pil_nearest_with_grey_fill():
+    ramp = image([list(range(0, 80, 10))])
+    assert op("translateX", ramp, 0.25)[0, 0, 0].tolist() == [20, 30, 40, 50, 60, 70, 128, 128]
+    assert op("translateX", ramp, -1.6 / 8)[0, 0, 0].tolist() == [128, 128, 0, 10, 20, 30, 40, 50]  # 1.6 -> 2
+    column = ramp.transpose(2, 3)
+    assert op("translateY", column, 1.4 / 8).equal(op("translateX", ramp, 1.4 / 8).transpose(2, 3))  # 1.4 -> 1
+    x = torch.arange(48, dtype=torch.float32).view(1, 3, 4, 4)
+    assert op("rotate", x, 90).equal(torch.rot90(x, 1, (2, 3)))  # counter-clockwise
+    assert op("rotate", x, 180).equal(x.flip(2, 3))
+    turned = op("rotate", torch.zeros(1, 3, 8, 8), 30)
+    assert turned[0, 0, 0, 0] == 128 and turned[0, 0, 3:5, 3:5].eq(0).all()
+
+
+def test_magnitudes_follow_the_paper_linspace():
+    param = data_gpu._op_param
+    assert [param("posterize", m, 1) for m in (0, 2, 7, 9)] == [8, 7, 5, 4]
+    assert param("solarize", 2, 1) == pytest.approx(256 - 2 * 256 / 9)
+    assert param("color", 3, -1) == pytest.approx(0.7) and param("brightness", 9, 1) == pytest.approx(1.9)
+    assert param("translateY", 9, -1) == pytest.approx(-150 / 331)
+    assert param("shearY", 8, 1) == pytest.approx(0.3 * 8 / 9)
+    assert param("rotate", 2, -1) == pytest.approx(20 / 3)  # counter-clockwise only
+    assert len(data_gpu._POLICY) == 25 and set(AA_OPS) == set(data_gpu._OPS) and len(AA_OPS) == 14
+
+
+def reachable(img):
+    """Every image the CIFAR-10 policy can make from img through the single-op functions, with
+    its probability: (unique images, probabilities)."""
+    param = lambda name, level, sign: torch.tensor([data_gpu._op_param(name, level, sign)], dtype=torch.float64)
+    apply = lambda name, level, sign, x: AA_OPS[name](x, param(name, level, sign))
+    outs, probs = [], []
+    for p1, op1, m1, p2, op2, m2 in data_gpu._POLICY:
+        firsts = [(img, 1 - p1)] + [(apply(op1, m1, s, img), p1 / 2) for s in (-1, 1)]
+        for first, q in firsts:
+            outs += [first] + [apply(op2, m2, s, first) for s in (-1, 1)]
+            probs += [q * (1 - p2) / 25, q * p2 / 50, q * p2 / 50]
+    unique, inverse = torch.cat(outs).unique(dim=0, return_inverse=True)
+    probs = torch.tensor(probs, dtype=torch.float64)
+    return unique, torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, probs)
+
+
+def test_autoaugment_batch_follows_the_policy_per_image():
+    img = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(1)).float()
+    img[..., :8, :8] = 40  # a flat patch, so autocontrast and equalize are not trivial
+    out = data_gpu._autoaugment(img.expand(2000, -1, -1, -1).contiguous(), torch.Generator().manual_seed(0))
+    candidates, expected = reachable(img)
+    match = (out[:, None] == candidates[None]).flatten(2).all(2)  # (2000, candidates)
+    assert match.sum(1).eq(1).all()  # every output is exactly one reachable image
+    seen = match.double().mean(0)
+    assert (seen - expected).abs().max() < 0.045 and 0.5 * (seen - expected).abs().sum() < 0.12  # ~4 sigma
+    assert match.any(0).sum() > 80  # most of the ~100 reachable images occur
+
+
+# ----------------------------------------------------------------------------- augment
+
+def test_augment_shapes_range_determinism_and_per_image_randomness():
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = data_gpu.augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+    lo, hi = data_gpu.normalize(torch.tensor([0, 255]).view(2, 1, 1, 1).expand(2, 3, 1, 1)).flatten(1)
+    assert (out >= lo.view(1, 3, 1, 1)).all() and (out <= hi.view(1, 3, 1, 1)).all()
+    assert out.equal(data_gpu.augment(x, torch.Generator().manual_seed(0)))
+    assert not out.equal(data_gpu.augment(x, torch.Generator().manual_seed(1)))
+    copies = data_gpu.augment(x[:1].expand(64, -1, -1, -1), torch.Generator().manual_seed(0))
+    assert len(copies.unique(dim=0)) >= 60
+    plain = data_gpu.augment(x, torch.Generator(), flip=False, crop_pad=0, autoaugment=False, erase_prob=0)
+    assert plain.equal(data_gpu.normalize(x))
+
+
+def test_flip_and_crop_give_a_shift_of_the_padded_image_or_its_mirror():
+    x = torch.randperm(3 * 32 * 32).remainder(256).to(torch.uint8).view(1, 3, 32, 32)
+    gen = torch.Generator().manual_seed(3)
+    out = data_gpu.augment(x.expand(128, -1, -1, -1), gen, autoaugment=False, erase_prob=0)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))[0]
+    crops = torch.stack([img[:, i:i + 32, j:j + 32] for img in (padded, padded.flip(2))
+                         for i in range(9) for j in range(9)])
+    match = (out[:, None] == data_gpu.normalize(crops)[None]).flatten(2).all(2)
+    assert match.sum(1).eq(1).all()  # every output is exactly one (mirror, offset)
+    used = match.any(0).view(2, 81)
+    assert used[0].any() and used[1].any() and used.sum() > 40
+
+
+def test_random_erasing_boxes():
+    x = torch.full((2000, 3, 32, 32), 7.0)
+    out = data_gpu._random_erase(x, torch.Generator().manual_seed(0), 1.0)
+    erased = out != 7.0
+    assert erased.any(1).eq(erased.all(1)).all()  # all channels or none
+    fill = torch.tensor(data_gpu.MEAN).view(1, 3, 1, 1).expand_as(out)
+    assert out[erased].equal(fill[erased])
+    rows, cols = erased[:, 0].any(2), erased[:, 0].any(1)
+    h, w = rows.sum(1), cols.sum(1)
+    assert erased[:, 0].sum((1, 2)).equal(h * w) and (h > 0).all()  # one filled rectangle per image
+    assert (h < 32).all() and (w < 32).all()
+    # (h, w) must come from area in [0.02, 0.4] of 1024 and aspect in [0.3, 1/0.3], rounded
+    hf, wf = h.double(), w.double()
+    assert ((hf - 0.5) * (wf - 0.5) <= 0.4 * 1024).all() and ((hf + 0.5) * (wf + 0.5) >= 0.02 * 1024).all()
+    assert ((hf + 0.5) / (wf - 0.5) >= 0.3).all() and ((hf - 0.5) / (wf + 0.5) <= 1 / 0.3).all()
+    assert 170 < (h * w).double().mean() < 260
+    assert rows[:, 0].any() and rows[:, -1].any() and cols[:, 0].any() and cols[:, -1].any()
+    some = data_gpu._random_erase(x, torch.Generator().manual_seed(0), 0.25)
+    assert 0.2 < (some != 7.0).flatten(1).any(1).double().mean() < 0.3
+
+
+# ----------------------------------------------------------------------------- CutMix / MixUp
+
+def labelled_batch(B=8):
+    x = torch.arange(1, B + 1, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, 32, 32).contiguous()
+    return x, torch.arange(B) % 10
+
+
+def test_cutmix_lam_is_the_pasted_area():
+    x, y = labelled_batch()
+    for seed in range(40):
+        mixed, soft = data_gpu.mix(x, y, 10, np.random.default_rng(seed), mix_prob=1, mixup=False)
+        from_partner = (mixed == x.flip(0)).flatten(1).double().mean(1)
+        assert ((mixed == x) | (mixed == x.flip(0))).all()
+        assert torch.allclose(soft[torch.arange(8), y].double(), 1 - from_partner, atol=1e-6)
+        assert torch.allclose(soft[torch.arange(8), y.flip(0)].double(), from_partner, atol=1e-6)
+        assert torch.allclose(soft.sum(1), torch.ones(8))
+
+
+def test_mixup_is_a_convex_combination_and_mix_prob_zero_is_identity():
+    x, y = labelled_batch()
+    for seed in range(10):
+        mixed, soft = data_gpu.mix(x, y, 10, np.random.default_rng(seed), mix_prob=1, cutmix=False)
+        lam = soft[0, y[0]]
+        assert 0 < lam < 1 and torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0))  # always mixed
+        assert torch.allclose(soft[torch.arange(8), y.flip(0)], 1 - lam.expand(8))
+        same, soft = data_gpu.mix(x, y, 10, np.random.default_rng(seed), mix_prob=0)
+        assert same.equal(x) and soft.equal(torch.nn.functional.one_hot(y, 10).float())
+
+
+def test_mix_picks_none_cutmix_or_mixup_at_the_stated_rates():
+    x, y = labelled_batch()
+    rng, kinds = np.random.default_rng(0), []
+    for _ in range(400):
+        mixed, _ = data_gpu.mix(x, y, 10, rng)
+        blended = not ((mixed == x) | (mixed == x.flip(0))).all()
+        kinds.append("mixup" if blended else "none" if mixed.equal(x) else "cutmix")
+    counts = {k: kinds.count(k) for k in ("none", "cutmix", "mixup")}
+    assert 160 < counts["none"] < 240 and 60 < counts["cutmix"] < 140 and 60 < counts["mixup"] < 140
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def test_steps_for():
+    assert data_gpu.steps_for(100, 256) == 58593
+    assert data_gpu.steps_for(1, 100, n=1000, passes_per_epoch=1) == 10
+
+
+def test_sampler_passes_ranks_and_determinism():
+    sampler = data_gpu.RepeatedPassSampler(25, 10, seed=5, device="cpu")
+    stream = torch.cat([sampler.indices(s) for s in range(10)])  # 100 positions = 4 passes
+    assert stream.dtype == torch.int64 and len(sampler.indices(3)) == 10
+    passes = stream.view(4, 25)
+    assert all(p.sort().values.equal(torch.arange(25)) for p in passes)
+    assert not passes[0].equal(passes[1])
+    assert stream[20:30].equal(sampler.indices(2))  # a batch spanning two passes
+    fresh = data_gpu.RepeatedPassSampler(25, 10, seed=5, device="cpu")
+    assert fresh.indices(7).equal(stream[70:80]) and fresh.indices(0).equal(stream[:10])  # stateless
+    assert not data_gpu.RepeatedPassSampler(25, 10, seed=6, device="cpu").indices(0).equal(stream[:10])
+    ranks = [data_gpu.RepeatedPassSampler(25, 10, 5, "cpu", rank=r, world_size=2) for r in range(2)]
+    for step in (0, 2, 9):
+        parts = [r.indices(step) for r in ranks]
+        assert len(parts[0]) == 5 and torch.stack(parts, 1).flatten().equal(stream[step * 10:(step + 1) * 10])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to check for device->host syncs")
+def test_no_host_sync_on_cuda():
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sampler = data_gpu.RepeatedPassSampler(64, 16, 0, "cuda")
+    data_gpu.augment(x, gen), sampler.indices(0)  # first call builds the per-device constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 8):
+            out, soft = data_gpu.mix(data_gpu.augment(x[sampler.indices(step)], gen), y[:16], 10,
+                                     np.random.default_rng(step), mix_prob=1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(out).all() and soft.shape == (16, 10)
