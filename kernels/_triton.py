@@ -46,18 +46,35 @@ class _KernelFunction(JITFunction):
             raise RuntimeError("triton is not installed")
         on_cpu = any(getattr(a, "device", None) is not None and a.device.type == "cpu"
                      for a in list(args) + list(kwargs.values()))
-        if on_cpu:
-            if not interpret_enabled():
-                raise RuntimeError("Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to run "
-                                   "them on CPU tensors in Triton's interpreter")
-            _fix_interpreter_bf16_dot()
+        if not on_cpu:
+            return super().run(*args, grid=grid, warmup=warmup, **kwargs)
+        if not interpret_enabled():
+            raise RuntimeError("Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to run "
+                               "them on CPU tensors in Triton's interpreter")
+        _fix_interpreter_bf16_dot()
+        with _jit_helpers_interpreted():
             return self._interp.run(*args, grid=grid, warmup=warmup, **kwargs)
-        return super().run(*args, grid=grid, warmup=warmup, **kwargs)
 
-    def __call__(self, *args, **kwargs):
-        # Only reached when the interpreter executes a kernel that calls this helper; the
-        # compiler inlines helpers without calling them.
-        return self._interp(*args, **kwargs)
+
+_INTERPRETED = {}
+
+
+class _jit_helpers_interpreted:
+    """While a kernel is interpreted, calls to @triton.jit functions (our helpers, and
+    triton.language's own tl.max/tl.sum, which are JITFunctions unless TRITON_INTERPRET was set
+    when triton was imported) run interpreted too instead of raising."""
+
+    def __enter__(self):
+        def call(jit_fn, *args, **kwargs):
+            if jit_fn.fn not in _INTERPRETED:
+                _INTERPRETED[jit_fn.fn] = InterpretedFunction(jit_fn.fn)
+            return _INTERPRETED[jit_fn.fn](*args, **kwargs)
+
+        self.saved = JITFunction.__call__
+        JITFunction.__call__ = call
+
+    def __exit__(self, *exc):
+        JITFunction.__call__ = self.saved
 
 
 def _fix_interpreter_bf16_dot():

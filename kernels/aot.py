@@ -112,7 +112,7 @@ def attention_builds(seq_lens=SEQ_LENS, head_dims=attention.HEAD_DIMS, dtypes=tu
             cfg = attention.attn_config(n, d, dtype, which)
             meta = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
             const = dict(HEAD_DIM=d, **LSA_MODES[mode], **cfg)
-            ptrs = {a: dt for a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+            ptrs = {a: dt for a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}  # O: forward only
             ptrs.update(LSE="fp32", T="fp32", DT="fp32")
             # batch and row strides are multiples of 16 at real widths; head strides iff D is
             strides = [a for a in fn.arg_names if a.startswith("s") and a[-1] in "bn" + "h" * (d % 16 == 0)]

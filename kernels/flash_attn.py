@@ -5,8 +5,9 @@ program owns a whole (batch, head) pair: it keeps all of K and V (and, in the ba
 dK/dV accumulators) in registers and walks the query rows in BLOCK_M chunks. No online softmax
 rescaling, no atomics, no cross-program reduction, and K/V are read from memory once.
 
-Flash-style memory: the forward saves only the output O and the per-row log-sum-exp (fp32);
-the backward recomputes P = exp(scale·QKᵀ − lse) instead of reading a stored N×N matrix.
+Flash-style memory: beyond its inputs the forward saves only the per-row log-sum-exp (fp32);
+the backward recomputes P = exp(scale·QKᵀ − lse) instead of reading a stored N×N matrix, and
+does not need O either (the output projection keeps O for its own backward).
 
 LSA (Lee et al. 2021) options: `diag_mask` hides each token from itself; the logit scale is
 `scale · temp[h]`, where `temp` is an optional learnable tensor, 0-dim (per layer) or (H,)
@@ -52,6 +53,7 @@ def attn_config(n: int, d: int, dtype=torch.bfloat16, which: str = "fwd") -> dic
     block_n = max(16, next_pow2(n))
     block_d = max(16, next_pow2(d))
     block_m, warps = _TUNED[(which, dtype == torch.float32, block_d)]
+    warps = min(warps, max(4, block_n // 8))  # ≤ 64 keys: 16 warps would split them too thin
     return dict(BLOCK_M=min(block_m, block_n), BLOCK_N=block_n, BLOCK_D=block_d,
                 PREC=dot_precision(dtype), num_warps=warps, num_stages=1)
 
@@ -121,15 +123,17 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, T,
 
 
 @kjit
-def _attn_bwd_kernel(Q, K, V, O, DO, LSE, T, DQ, DK, DV, DT,
-                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+def _attn_bwd_kernel(Q, K, V, DO, LSE, T, DQ, DK, DV, DT,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                      sdob, sdoh, sdon, sdqb, sdqh, sdqn, sdkb, sdkh, sdkn,
                      H, NQ, NK, scale,
                      HEAD_DIM: tl.constexpr, HAS_T: tl.constexpr, T_PER_HEAD: tl.constexpr,
                      DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """dQ rows are complete once a query block has met every key, so they are stored at once;
-    dK, dV (same strides) and the temperature gradient accumulate in registers."""
+    dK, dV (same strides) and the temperature gradient accumulate in registers. Owning every
+    key also gives the exact softmax-backward term rowsum(P∘dP) in fp32, where flash attention
+    must use rowsum(dO∘O) with O rounded to bf16: O is never read."""
     pid, b, h, k, v, c = _program_kv(K, V, T, skb, skh, skn, svb, svh, svn, H, NK, scale,
                                      HAS_T, T_PER_HEAD, HEAD_DIM, BLOCK_N, BLOCK_D)
     c2 = c * 1.4426950408889634
@@ -142,14 +146,13 @@ def _attn_bwd_kernel(Q, K, V, O, DO, LSE, T, DQ, DK, DV, DT,
         offs_m = start + tl.arange(0, BLOCK_M)
         q = load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, 1, NQ, HEAD_DIM)
         do = load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, 1, NQ, HEAD_DIM).to(q.dtype)
-        o = load_tile(O + b * sob + h * soh, offs_m, offs_d, son, 1, NQ, HEAD_DIM)
         # padded query columns get lse = +inf, hence P = 0 and no contribution anywhere
         lse2 = tl.load(LSE + pid * NQ + offs_m, mask=offs_m < NQ, other=float("inf")) * 1.4426950408889634
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO∘O) = rowsum(P∘dP)
         kq, s2t = _logits_t(k, q, c2, offs_n, offs_m, NK, DIAG, PREC)
         pt = tl.exp2(s2t - lse2[None, :])
         dv += tl.dot(pt.to(q.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        delta = tl.sum(pt * dpt, 0)
         dst = pt * (dpt - delta[None, :])  # d loss / d logits, transposed
         if HAS_T:
             dt += tl.sum(dst * kq, 1)
@@ -160,6 +163,13 @@ def _attn_bwd_kernel(Q, K, V, O, DO, LSE, T, DQ, DK, DV, DT,
     store_tile(DV + b * sdkb + h * sdkh, dv, offs_n, offs_d, sdkn, 1, NK, HEAD_DIM)
     if HAS_T:
         tl.store(DT + pid, tl.sum(dt, 0) * scale)  # d logits / d temp = scale · q·k
+
+
+def _bnhd(B, H, N, D, like: Tensor) -> Tensor:
+    """A (B, H, N, D) tensor laid out as (B, N, H, D): the model's own layout, so O's (B, N, C)
+    view for the output projection is free and dq/dk/dv land where q/k/v's views came from.
+    Real and fake (torch.compile) implementations both allocate through here."""
+    return like.new_empty((B, N, H, D)).transpose(1, 2)
 
 
 def _row_major(t: Tensor) -> Tensor:
@@ -177,7 +187,7 @@ def _temp_flags(temp: Optional[Tensor], dummy: Tensor):
 def _attn_fwd_triton(q, k, v, scale, temp, diag_mask):
     (B, H, NQ, D), NK = q.shape, k.shape[2]
     q, k, v = _row_major(q), _row_major(k), _row_major(v)
-    o = torch.empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    o = _bnhd(B, H, NQ, D, q)
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     t, tflags = _temp_flags(temp, lse)
     _attn_fwd_kernel[(B * H,)](
@@ -187,16 +197,15 @@ def _attn_fwd_triton(q, k, v, scale, temp, diag_mask):
     return o, lse
 
 
-def _attn_bwd_triton(do, q, k, v, o, lse, scale, temp, diag_mask):
+def _attn_bwd_triton(do, q, k, v, lse, scale, temp, diag_mask):
     (B, H, NQ, D), NK = q.shape, k.shape[2]
     q, k, v, do = _row_major(q), _row_major(k), _row_major(v), _row_major(do)
-    dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
-    dk, dv = (torch.empty((B, H, NK, D), dtype=q.dtype, device=q.device) for _ in range(2))
+    dq, dk, dv = _bnhd(B, H, NQ, D, q), _bnhd(B, H, NK, D, q), _bnhd(B, H, NK, D, q)
     dt = torch.empty((B, H) if temp is not None else (0,), dtype=torch.float32, device=q.device)
     t, tflags = _temp_flags(temp, lse)
     _attn_bwd_kernel[(B * H,)](
-        q, k, v, o, do, lse, t, dq, dk, dv, dt,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
+        q, k, v, do, lse, t, dq, dk, dv, dt,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3], H, NQ, NK, float(scale),
         HEAD_DIM=D, DIAG=diag_mask, **tflags, **attn_config(NK, D, q.dtype, "bwd"))
     return dq, dk, dv, _reduce_temp_grad(dt, temp)
@@ -247,12 +256,12 @@ def attn_fwd_reference(q, k, v, scale: float, temp: Optional[Tensor], diag_mask:
     B, H, NQ, D = q.shape
     _, s = _logits_reference(q, k, _scale_f32(scale, temp), diag_mask)
     lse = torch.logsumexp(s, -1)
-    o = torch.empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    o = _bnhd(B, H, NQ, D, q)
     o.copy_(torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.float()))
     return o, lse
 
 
-def attn_bwd_reference(do, q, k, v, o, lse, scale: float, temp: Optional[Tensor], diag_mask: bool):
+def attn_bwd_reference(do, q, k, v, lse, scale: float, temp: Optional[Tensor], diag_mask: bool):
     """What the backward kernel computes: P recomputed from lse, fp32 throughout."""
     c = _scale_f32(scale, temp)
     qk, s = _logits_reference(q, k, c, diag_mask)
@@ -260,11 +269,12 @@ def attn_bwd_reference(do, q, k, v, o, lse, scale: float, temp: Optional[Tensor]
     do32 = do.float()
     dv = torch.matmul(p.transpose(-2, -1), do32)
     dp = torch.matmul(do32, v.float().transpose(-2, -1))
-    ds = p * (dp - (do32 * o.float()).sum(-1, keepdim=True))
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
     dq = torch.matmul(ds, k.float()) * c
     dk = torch.matmul(ds.transpose(-2, -1), q.float()) * c
     dt = (ds * qk).sum((2, 3)) * scale if temp is not None else ds.new_zeros(0)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _reduce_temp_grad(dt, temp)
+    grads = [_bnhd(*g.shape, q).copy_(g) for g in (dq, dk, dv)]  # the kernel's layout and dtype
+    return (*grads, _reduce_temp_grad(dt, temp))
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
@@ -280,37 +290,37 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, temp: Optional[Tenso
 @attn_fwd.register_fake
 def _(q, k, v, scale, temp, diag_mask, impl):
     B, H, NQ, D = q.shape
-    return (q.new_empty((B, NQ, H, D)).transpose(1, 2),
-            q.new_empty((B, H, NQ), dtype=torch.float32))
+    return _bnhd(B, H, NQ, D, q), q.new_empty((B, H, NQ), dtype=torch.float32)
 
 
 @torch.library.custom_op("vitk::attn_bwd", mutates_args=())
-def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
+def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float,
              temp: Optional[Tensor], diag_mask: bool, impl: str
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if impl == "triton":
-        return _attn_bwd_triton(do, q, k, v, o, lse, scale, temp, diag_mask)
-    return attn_bwd_reference(do, q, k, v, o, lse, scale, temp, diag_mask)
+        return _attn_bwd_triton(do, q, k, v, lse, scale, temp, diag_mask)
+    return attn_bwd_reference(do, q, k, v, lse, scale, temp, diag_mask)
 
 
 @attn_bwd.register_fake
-def _(do, q, k, v, o, lse, scale, temp, diag_mask, impl):
+def _(do, q, k, v, lse, scale, temp, diag_mask, impl):
     dt = temp.new_empty(temp.shape) if temp is not None else q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dt
+    return (*(_bnhd(*t.shape, q) for t in (q, k, v)), dt)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, temp, diag_mask, impl = inputs
-    o, lse = output
-    # O and lse (B·H·N fp32) replace the N×N probabilities; q, k, v are usually views of
-    # the qkv projection's output, so saving them costs nothing extra.
-    ctx.save_for_backward(q, k, v, o, lse, temp)
+    _, lse = output
+    # lse (B·H·N fp32) replaces the N×N probabilities; q, k, v are usually views of the qkv
+    # projection's output, so saving them costs nothing extra. O is not needed (see the
+    # backward kernel); the output projection saves it anyway.
+    ctx.save_for_backward(q, k, v, lse, temp)
     ctx.scale, ctx.diag_mask, ctx.impl = scale, diag_mask, impl
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, temp = ctx.saved_tensors
-    dq, dk, dv, dt = attn_bwd(do, q, k, v, o, lse, ctx.scale, temp, ctx.diag_mask, ctx.impl)
+    q, k, v, lse, temp = ctx.saved_tensors
+    dq, dk, dv, dt = attn_bwd(do, q, k, v, lse, ctx.scale, temp, ctx.diag_mask, ctx.impl)
     return dq, dk, dv, None, (dt if temp is not None else None), None, None
 
 

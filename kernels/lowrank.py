@@ -162,8 +162,9 @@ def lowrank_bwd(dy: Tensor, x: Tensor, w_down: Tensor, w_up: Tensor, has_bias: b
 
 @lowrank_bwd.register_fake
 def _(dy, x, w_down, w_up, has_bias, impl):
+    # contiguous, as the real implementations return them (compile relies on matching strides)
     db = dy.new_empty((w_up.shape[0],) if has_bias else (0,))
-    return torch.empty_like(x), torch.empty_like(w_down), torch.empty_like(w_up), db
+    return x.new_empty(x.shape), w_down.new_empty(w_down.shape), w_up.new_empty(w_up.shape), db
 
 
 def _setup_context(ctx, inputs, output):

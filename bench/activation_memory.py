@@ -1,0 +1,90 @@
+"""Activation memory per image: the bytes autograd keeps for backward in one training step.
+
+    python bench/activation_memory.py [--variants baseline mla-q mla-qkv mcls] [--precision bf16 fp32]
+
+Every tensor saved for backward during the forward pass is caught with
+torch.autograd.graph.saved_tensors_hooks and counted once per storage (q, k, v viewed out of
+one projection are one allocation; bench/common.py's counter). Measured at two batch sizes and
+differenced, so what does not grow with the batch (parameters, their autocast copies) drops out.
+
+Kernels off: plain PyTorch (backend 'torch'). Kernels on: backend 'reference', the kernels'
+custom ops computed by their PyTorch references, which save exactly the tensors the Triton
+kernels save (tests/test_kernels.py checks it); `--backend triton` counts through the Triton
+kernels themselves (on CPU under TRITON_INTERPRET=1: slow). bf16 is autocast on CPU, which
+keeps softmax in bf16; CUDA's autocast runs it in fp32, so on a GPU the math path saves more
+than shown here and the kernels' saving is larger.
+"""
+import os
+import sys
+
+# the repository root, not bench/, is the import root (bench/profile.py shadows stdlib `profile`)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+import speedrun  # noqa: E402
+from bench.common import saved_activation_bytes  # noqa: E402
+
+
+def step_bytes(model, batch: int, precision: str) -> int:
+    x = torch.randn(batch, 3, 32, 32)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def forward():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            return model(x).float().sum()
+
+    return saved_activation_bytes(forward, exclude=model.parameters())
+
+
+def per_image(variant: str, backend: str, precision: str, batches=(2, 6)) -> float:
+    torch.manual_seed(0)
+    kernels.set_backend(backend)
+    model = speedrun.build_model(speedrun.resolve_config(variant)).train()
+    small, large = (step_bytes(model, b, precision) for b in batches)
+    return (large - small) / (batches[1] - batches[0])
+
+
+def attention_call_bytes(backend: str, heads=12, tokens=65, head_dim=16, dtype=torch.bfloat16) -> int:
+    """One attention call at the baseline's shape, per image, beyond its q/k/v input."""
+    kernels.set_backend(backend)
+    qkv = torch.randn(1, tokens, 3 * heads * head_dim, dtype=dtype, requires_grad=True)
+    q, k, v = (t.view(1, tokens, heads, head_dim).transpose(1, 2) for t in qkv.chunk(3, -1))
+    return saved_activation_bytes(lambda: kernels.attention(q, k, v, head_dim ** -0.5), exclude=[qkv])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=["baseline", "mla-q", "mla-qkv", "mcls"])
+    ap.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    ap.add_argument("--backend", default="reference", choices=["reference", "triton"],
+                    help="what 'kernels on' runs (triton: set TRITON_INTERPRET=1 on CPU)")
+    args = ap.parse_args(argv)
+
+    for precision in args.precision:
+        rows = {v: (per_image(v, "torch", precision), per_image(v, args.backend, precision))
+                for v in args.variants}
+        base = rows.get("baseline", (None,))[0]
+        print(f"\nactivation memory per image, one training step, {precision}"
+              f"{' autocast' if precision == 'bf16' else ''} (KiB; ratio vs baseline kernels off)")
+        print(f"{'variant':<10} {'kernels off':>12} {'kernels on':>12} {'on/off':>7} {'off/base':>9} {'on/base':>8}")
+        for v, (off, on) in rows.items():
+            rel = (f"{off / base:>9.3f} {on / base:>8.3f}" if base else "")
+            print(f"{v:<10} {off / 1024:>12.1f} {on / 1024:>12.1f} {on / off:>7.3f} {rel}")
+        if "mla-q" in rows and base:
+            ratio = rows["mla-q"][1] / base
+            print(f"target: mla-q with kernels <= 0.85x baseline without: {ratio:.3f}x "
+                  f"({'met' if ratio <= 0.85 else 'NOT met'})")
+    dtype = torch.bfloat16
+    math, fused = attention_call_bytes("torch", dtype=dtype), attention_call_bytes(args.backend, dtype=dtype)
+    print(f"\none attention call (12 heads, 65 tokens, D 16, bf16), saved beyond q/k/v, per image: "
+          f"math path {math} B, kernel {fused} B ({fused / math:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
