@@ -82,7 +82,8 @@ class Config:
     time_budget: float = _f(0.0, "seconds for the whole run incl. start-up and final eval (0: none)")
     seed: int = _f(0, "random seed (model init, data order, augmentation)")
     device: str = _f("auto", "cuda, cpu, or auto (CUDA when present)")
-    precision: str = _f("auto", "compute precision; auto: bf16 autocast on CUDA, fp32 on CPU",
+    precision: str = _f("auto", "compute precision; auto: bf16 autocast on CUDA and on CPUs with "
+                                "AMX/AVX512-BF16, fp32 elsewhere",
                         choices=("auto", "fp32", "bf16"))
     compile: str = _f("auto", "torch.compile the model; auto: on for CUDA, off on CPU",
                       choices=("auto", "on", "off"))
@@ -429,10 +430,24 @@ def pick_device(name: str) -> torch.device:
         raise UsageError(f"unknown --device {name!r} (use auto, cpu or cuda)") from None
 
 
-def pick_precision(requested: str, device: torch.device):
-    """Autocast dtype, or None for fp32."""
+def cpu_has_bf16_units(flags: set = None) -> bool:
+    """AMX-BF16 or AVX512-BF16: there a bf16 matmul runs ~7x faster than fp32 (Linux flags)."""
+    if flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")),
+                             set())
+        except OSError:
+            flags = set()
+    return bool(set(flags) & {"amx_bf16", "avx512_bf16"})
+
+
+def pick_precision(requested: str, device: torch.device, cpu_flags: set = None):
+    """Autocast dtype, or None for fp32. auto: bf16 on CUDA and on CPUs with bf16 matrix units
+    (weights and optimizer state stay fp32 under autocast), fp32 elsewhere."""
     if requested == "auto":
-        requested = "bf16" if device.type == "cuda" else "fp32"
+        bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_units(cpu_flags))
+        requested = "bf16" if bf16 else "fp32"
     return torch.bfloat16 if requested == "bf16" else None
 
 
