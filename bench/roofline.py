@@ -78,7 +78,7 @@ def attention_costs(B, H, N, D, block_m_fwd=16, block_m_bwd=32, lsa=False):
     exps = lambda bm: B * H * pad(N, bm) * bn  # noqa: E731
 
     fused_fwd = Cost().op(read=3 * X, write=X + L, flops=2 * mm_pad(block_m_fwd), exps=exps(block_m_fwd))
-    fused_bwd = Cost().op(read=5 * X + L, write=3 * X, flops=5 * mm_pad(block_m_bwd), exps=exps(block_m_bwd))
+    fused_bwd = Cost().op(read=4 * X + L, write=3 * X, flops=5 * mm_pad(block_m_bwd), exps=exps(block_m_bwd))  # q k v dO
 
     f = Cost().op(read=2 * X, write=P2, flops=mm)           # S = q kᵀ
     f = f.op(read=P2, write=P2)                              # S · scale

@@ -1,7 +1,8 @@
 """The one dispatch point for fused kernels: Triton on CUDA, the PyTorch reference elsewhere.
 
-The model calls only `attention` and `lowrank_linear`; `set_backend` (from `--kernels`) decides
-which implementation runs:
+The model calls `attention` and `lowrank_linear` (and, for low-rank queries, may call
+`lowrank_q_attention`, which fuses the query up-projection into the attention kernel);
+`set_backend` (from `--kernels`) decides which implementation runs:
 
 * 'auto'      Triton kernels when the tensors are on CUDA and triton imports, else 'torch'.
 * 'triton'    the Triton kernels always (CPU tensors only under TRITON_INTERPRET=1, in Triton's
@@ -17,9 +18,10 @@ called attention.py because that name would shadow this package's `attention` fu
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from ._triton import HAVE_TRITON
-from .flash_attn import HEAD_DIMS, MAX_SEQ, attention_math, flash_attention
+from .flash_attn import HEAD_DIMS, MAX_SEQ, attention_math, flash_attention, flash_attention_latent_q
 from .lowrank import fused_lowrank, lowrank_math
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -62,22 +64,53 @@ def _fallback(why: str) -> str:
     return "math"
 
 
+def _attention_impl(q_like, k):
+    """The implementation for an attention call, falling back to math outside the kernel's range."""
+    impl = _impl(q_like)
+    N, D = k.shape[2], k.shape[3]
+    if impl != "math" and (N > MAX_SEQ or D > max(HEAD_DIMS)):
+        impl = _fallback(f"attention kernel covers N ≤ {MAX_SEQ} keys, D ≤ {max(HEAD_DIMS)} (got N={N}, D={D})")
+    return impl
+
+
+def _scale_args(scale, heads: int):
+    """A float scale stays a float; a tensor becomes the kernel's learnable temperature,
+    0-dim (per layer) or (H,) (per head)."""
+    if not torch.is_tensor(scale):
+        return float(scale), None
+    if scale.numel() not in (1, heads):
+        raise ValueError(f"scale tensor must be 0-dim or (H,)=({heads},), got {tuple(scale.shape)}")
+    return 1.0, (scale.reshape(()) if scale.numel() == 1 else scale.reshape(heads))
+
+
 def attention(q, k, v, scale, diag_mask: bool = False):
     """softmax(scale · q kᵀ) v over (B, H, N, D) tensors; `scale` is a float or a learnable
     tensor (scalar per layer or (H,) per head); diag_mask hides each token from itself (LSA)."""
-    impl = _impl(q)
-    (B, H, _, D), N = q.shape, k.shape[2]
-    if impl != "math" and (N > MAX_SEQ or D > max(HEAD_DIMS)):
-        impl = _fallback(f"attention kernel covers N ≤ {MAX_SEQ} keys, D ≤ {max(HEAD_DIMS)} (got N={N}, D={D})")
+    impl = _attention_impl(q, k)
     if impl == "math":
         return attention_math(q, k, v, scale, diag_mask)
     q, k, v = _autocast(q.device.type, q, k, v)
-    if torch.is_tensor(scale):
-        if scale.numel() not in (1, H):
-            raise ValueError(f"scale tensor must be 0-dim or (H,)=({H},), got {tuple(scale.shape)}")
-        temp = scale.reshape(()) if scale.numel() == 1 else scale.reshape(H)
-        return flash_attention(q, k, v, 1.0, temp, diag_mask, impl)
-    return flash_attention(q, k, v, float(scale), None, diag_mask, impl)
+    return flash_attention(q, k, v, *_scale_args(scale, k.shape[1]), diag_mask, impl)
+
+
+def lowrank_q_attention(x, w_down, w_up, b_up, k, v, scale, diag_mask: bool = False,
+                        num_query: int = 0):
+    """attention(q, k, v, scale, diag_mask) with the low-rank queries of mla-q,
+    q = ((x W_downᵀ) W_upᵀ + b_up) split into k's heads, without storing q: the kernel builds
+    each head's queries from the 64-wide latent, which is all the layer keeps for backward
+    (the per-token saving over lowrank_linear + attention is 2·(H·D − R) bytes in bf16).
+    x: (B, N, C); k, v: (B, H, N, D); num_query > 0 keeps only the first num_query queries
+    (class attention)."""
+    c = F.linear(x, w_down)
+    if num_query:
+        c = c[:, :num_query]
+    impl = _attention_impl(c, k)
+    if impl == "math":
+        B, H, _, D = k.shape
+        q = F.linear(c, w_up, b_up).view(B, -1, H, D).transpose(1, 2)
+        return attention_math(q, k, v, scale, diag_mask)
+    c, w_up, b_up, k, v = _autocast(x.device.type, c, w_up, b_up, k, v)
+    return flash_attention_latent_q(c, w_up, b_up, k, v, *_scale_args(scale, k.shape[1]), diag_mask, impl)
 
 
 def lowrank_linear(x, w_down, w_up, b):

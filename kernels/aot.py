@@ -104,19 +104,21 @@ def _dedupe(builds):
 
 
 def attention_builds(seq_lens=SEQ_LENS, head_dims=attention.HEAD_DIMS, dtypes=tuple(DTYPES),
-                     lsa_modes=tuple(LSA_MODES)):
+                     lsa_modes=tuple(LSA_MODES), latents=(0,)):
+    """latent R > 0: the mla-q form that builds queries from an R-wide latent in the kernel."""
     builds = []
-    for n, d, dtype, mode in product(seq_lens, head_dims, dtypes, lsa_modes):
+    for n, d, dtype, mode, latent in product(seq_lens, head_dims, dtypes, lsa_modes, latents):
         dt = DTYPES[dtype]
         for which, fn in (("fwd", attention._attn_fwd_kernel), ("bwd", attention._attn_bwd_kernel)):
             cfg = attention.attn_config(n, d, dtype, which)
             meta = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-            const = dict(HEAD_DIM=d, **LSA_MODES[mode], **cfg)
-            ptrs = {a: dt for a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}  # O: forward only
+            const = dict(HEAD_DIM=d, LATENT=latent, BLOCK_R=max(16, latent), **LSA_MODES[mode], **cfg)
+            ptrs = {a: dt for a in ("Q", "WQ", "BQ", "K", "V", "O", "DO", "DQ", "DK", "DV")}
             ptrs.update(LSE="fp32", T="fp32", DT="fp32")
             # batch and row strides are multiples of 16 at real widths; head strides iff D is
             strides = [a for a in fn.arg_names if a.startswith("s") and a[-1] in "bn" + "h" * (d % 16 == 0)]
-            label = f"N≤{cfg['BLOCK_N']} D{d} {dt} {mode} BM{cfg['BLOCK_M']} w{meta['num_warps']}"
+            q_up = f" q-up{latent}" if latent else ""
+            label = f"N≤{cfg['BLOCK_N']} D{d} {dt} {mode}{q_up} BM{cfg['BLOCK_M']} w{meta['num_warps']}"
             builds.append(_build(fn, label, ptrs, ("scale",), const, aligned_ints=strides, **meta))
     return _dedupe(builds)
 
@@ -136,7 +138,9 @@ def lowrank_builds(shapes=LOWRANK_SHAPES, dtypes=tuple(DTYPES)):
 
 
 def all_builds():
-    return attention_builds() + lowrank_builds()
+    # queries built in-kernel from the latent: mla-q at width 192 (D 16) and 96 (D 8)
+    mla_q = attention_builds(head_dims=(8, 16), latents=(64,))
+    return attention_builds() + mla_q + lowrank_builds()
 
 
 def cuobjdump() -> str:

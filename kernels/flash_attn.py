@@ -25,6 +25,7 @@ whichever of the last two computes it.
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import dot_precision, kjit, load_tile, next_pow2, store_tile, tl
@@ -98,12 +99,31 @@ def _logits_t(k, q, c2, offs_n, offs_m, NK, DIAG: tl.constexpr, PREC: tl.constex
 
 
 @kjit
-def _attn_fwd_kernel(Q, K, V, O, LSE, T,
+def _query_tile(Q, WQ, BQ, b, h, offs_m, offs_d, sqb, sqh, sqn, NQ, HEAD_DIM: tl.constexpr,
+                LATENT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr):
+    """Query rows offs_m of head h: loaded (LATENT = 0), or built from the low-rank latent
+    (mla-q): q_h = c W_q[hD:(h+1)D]ᵀ + b_q[hD:(h+1)D], rounded to c's dtype as the unfused
+    up-projection would store it. Neither q nor its latent needs to be written by this layer:
+    Q points at the latent c (B, NQ, LATENT), which every head re-reads from L2."""
+    if LATENT == 0:
+        q = load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, 1, NQ, HEAD_DIM)
+    else:
+        offs_r = tl.arange(0, BLOCK_R)
+        c = load_tile(Q + b * sqb, offs_m, offs_r, sqn, 1, NQ, LATENT)
+        w_t = load_tile(WQ + h * HEAD_DIM * LATENT, offs_r, offs_d, 1, LATENT, LATENT, HEAD_DIM)
+        bias = tl.load(BQ + h * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+        q = (tl.dot(c, w_t, input_precision=PREC) + bias[None, :]).to(c.dtype)
+    return q
+
+
+@kjit
+def _attn_fwd_kernel(Q, WQ, BQ, K, V, O, LSE, T,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                      H, NQ, NK, scale,
                      HEAD_DIM: tl.constexpr, HAS_T: tl.constexpr, T_PER_HEAD: tl.constexpr,
                      DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, LATENT: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
     pid, b, h, k, v, c = _program_kv(K, V, T, skb, skh, skn, svb, svh, svn, H, NK, scale,
                                      HAS_T, T_PER_HEAD, HEAD_DIM, BLOCK_N, BLOCK_D)
     c2 = c * 1.4426950408889634  # exp2 is the fast path
@@ -111,7 +131,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, T,
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(0, NQ, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        q = load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, 1, NQ, HEAD_DIM)
+        q = _query_tile(Q, WQ, BQ, b, h, offs_m, offs_d, sqb, sqh, sqn, NQ, HEAD_DIM, LATENT, BLOCK_R, PREC)
         _, s2t = _logits_t(k, q, c2, offs_n, offs_m, NK, DIAG, PREC)
         m = tl.max(s2t, 0)
         pt = tl.exp2(s2t - m[None, :])
@@ -123,13 +143,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, T,
 
 
 @kjit
-def _attn_bwd_kernel(Q, K, V, DO, LSE, T, DQ, DK, DV, DT,
+def _attn_bwd_kernel(Q, WQ, BQ, K, V, DO, LSE, T, DQ, DK, DV, DT,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                      sdob, sdoh, sdon, sdqb, sdqh, sdqn, sdkb, sdkh, sdkn,
                      H, NQ, NK, scale,
                      HEAD_DIM: tl.constexpr, HAS_T: tl.constexpr, T_PER_HEAD: tl.constexpr,
                      DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, LATENT: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
     """dQ rows are complete once a query block has met every key, so they are stored at once;
     dK, dV (same strides) and the temperature gradient accumulate in registers. Owning every
     key also gives the exact softmax-backward term rowsum(P∘dP) in fp32, where flash attention
@@ -144,7 +165,7 @@ def _attn_bwd_kernel(Q, K, V, DO, LSE, T, DQ, DK, DV, DT,
     dt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(0, NQ, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        q = load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, 1, NQ, HEAD_DIM)
+        q = _query_tile(Q, WQ, BQ, b, h, offs_m, offs_d, sqb, sqh, sqn, NQ, HEAD_DIM, LATENT, BLOCK_R, PREC)
         do = load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, 1, NQ, HEAD_DIM).to(q.dtype)
         # padded query columns get lse = +inf, hence P = 0 and no contribution anywhere
         lse2 = tl.load(LSE + pid * NQ + offs_m, mask=offs_m < NQ, other=float("inf")) * 1.4426950408889634
@@ -184,30 +205,41 @@ def _temp_flags(temp: Optional[Tensor], dummy: Tensor):
     return temp.reshape(-1), dict(HAS_T=True, T_PER_HEAD=temp.dim() == 1)
 
 
-def _attn_fwd_triton(q, k, v, scale, temp, diag_mask):
-    (B, H, NQ, D), NK = q.shape, k.shape[2]
-    q, k, v = _row_major(q), _row_major(k), _row_major(v)
-    o = _bnhd(B, H, NQ, D, q)
-    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+def _query_args(q, k, wq, bq):
+    """(NQ, leading kernel args, constexprs) for the queries: q itself (B, H, NQ, D), or with
+    wq given the latent c (B, NQ, R) plus the up-projection wq (H·D, R) and its bias bq."""
+    if wq is None:
+        q = _row_major(q)
+        return q.shape[2], (q, q, q, *q.stride()[:3]), dict(LATENT=0, BLOCK_R=16)
+    c = _row_major(q)
+    args = (c, wq.contiguous(), bq.contiguous(), c.stride(0), 0, c.stride(1))
+    return c.shape[1], args, dict(LATENT=c.shape[2], BLOCK_R=max(16, next_pow2(c.shape[2])))
+
+
+def _attn_fwd_triton(q, k, v, wq, bq, scale, temp, diag_mask):
+    (B, H, NK, D), (NQ, qargs, qmeta) = k.shape, _query_args(q, k, wq, bq)
+    k, v = _row_major(k), _row_major(v)
+    o = _bnhd(B, H, NQ, D, k)
+    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=k.device)
     t, tflags = _temp_flags(temp, lse)
     _attn_fwd_kernel[(B * H,)](
-        q, k, v, o, lse, t, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, NQ, NK, float(scale), HEAD_DIM=D, DIAG=diag_mask, **tflags,
-        **attn_config(NK, D, q.dtype, "fwd"))
+        *qargs[:3], k, v, o, lse, t, *qargs[3:], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        H, NQ, NK, float(scale), HEAD_DIM=D, DIAG=diag_mask, **tflags, **qmeta,
+        **attn_config(NK, D, k.dtype, "fwd"))
     return o, lse
 
 
-def _attn_bwd_triton(do, q, k, v, lse, scale, temp, diag_mask):
-    (B, H, NQ, D), NK = q.shape, k.shape[2]
-    q, k, v, do = _row_major(q), _row_major(k), _row_major(v), _row_major(do)
-    dq, dk, dv = _bnhd(B, H, NQ, D, q), _bnhd(B, H, NK, D, q), _bnhd(B, H, NK, D, q)
-    dt = torch.empty((B, H) if temp is not None else (0,), dtype=torch.float32, device=q.device)
+def _attn_bwd_triton(do, q, k, v, wq, bq, lse, scale, temp, diag_mask):
+    (B, H, NK, D), (NQ, qargs, qmeta) = k.shape, _query_args(q, k, wq, bq)
+    k, v, do = _row_major(k), _row_major(v), _row_major(do)
+    dq, dk, dv = _bnhd(B, H, NQ, D, k), _bnhd(B, H, NK, D, k), _bnhd(B, H, NK, D, k)
+    dt = torch.empty((B, H) if temp is not None else (0,), dtype=torch.float32, device=k.device)
     t, tflags = _temp_flags(temp, lse)
     _attn_bwd_kernel[(B * H,)](
-        q, k, v, do, lse, t, dq, dk, dv, dt,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *qargs[:3], k, v, do, lse, t, dq, dk, dv, dt,
+        *qargs[3:], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3], H, NQ, NK, float(scale),
-        HEAD_DIM=D, DIAG=diag_mask, **tflags, **attn_config(NK, D, q.dtype, "bwd"))
+        HEAD_DIM=D, DIAG=diag_mask, **tflags, **qmeta, **attn_config(NK, D, k.dtype, "bwd"))
     return dq, dk, dv, _reduce_temp_grad(dt, temp)
 
 
@@ -227,8 +259,8 @@ def attention_math(q, k, v, scale, diag_mask: bool = False):
     baseline. Left as matmul/softmax/matmul on purpose: on CPU in bf16 this beats PyTorch's
     fused CPU attention (whose bf16 backward is very slow)."""
     s = torch.matmul(q, k.transpose(-2, -1))
-    if torch.is_tensor(scale) and scale.dim() == 1:
-        scale = scale.view(1, -1, 1, 1)
+    if torch.is_tensor(scale):  # a per-head (H,) scale would otherwise promote bf16 scores to fp32
+        scale = scale.to(s.dtype).view(1, -1, 1, 1) if scale.dim() == 1 else scale
     s = s * scale
     if diag_mask:
         nq, nk = s.shape[-2:]
@@ -251,8 +283,18 @@ def _logits_reference(q, k, c, diag_mask):
     return qk, s
 
 
-def attn_fwd_reference(q, k, v, scale: float, temp: Optional[Tensor], diag_mask: bool):
+def _queries(q, k, wq, bq):
+    """q, or with wq given q = c wqᵀ + bq from the latent c, split into heads like k."""
+    if wq is None:
+        return q
+    B, H, _, D = k.shape
+    q = F.linear(q.float(), wq.float(), bq.float()).to(q.dtype)
+    return q.view(B, -1, H, D).transpose(1, 2)
+
+
+def attn_fwd_reference(q, k, v, wq, bq, scale: float, temp: Optional[Tensor], diag_mask: bool):
     """What the forward kernel computes, in fp32: (O in q's dtype and the kernel's layout, lse)."""
+    q = _queries(q, k, wq, bq)
     B, H, NQ, D = q.shape
     _, s = _logits_reference(q, k, _scale_f32(scale, temp), diag_mask)
     lse = torch.logsumexp(s, -1)
@@ -261,8 +303,10 @@ def attn_fwd_reference(q, k, v, scale: float, temp: Optional[Tensor], diag_mask:
     return o, lse
 
 
-def attn_bwd_reference(do, q, k, v, lse, scale: float, temp: Optional[Tensor], diag_mask: bool):
-    """What the backward kernel computes: P recomputed from lse, fp32 throughout."""
+def attn_bwd_reference(do, q, k, v, wq, bq, lse, scale: float, temp: Optional[Tensor], diag_mask: bool):
+    """What the backward kernel computes: P recomputed from lse, fp32 throughout; dq is the
+    gradient of the (projected) queries."""
+    q = _queries(q, k, wq, bq)
     c = _scale_f32(scale, temp)
     qk, s = _logits_reference(q, k, c, diag_mask)
     p = torch.exp(s - lse.unsqueeze(-1))
@@ -280,48 +324,61 @@ def attn_bwd_reference(do, q, k, v, lse, scale: float, temp: Optional[Tensor], d
 # ----------------------------------------------------------------------------- custom ops + autograd
 
 @torch.library.custom_op("vitk::attn_fwd", mutates_args=())
-def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, temp: Optional[Tensor],
-             diag_mask: bool, impl: str) -> Tuple[Tensor, Tensor]:
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, wq: Optional[Tensor], bq: Optional[Tensor],
+             scale: float, temp: Optional[Tensor], diag_mask: bool, impl: str) -> Tuple[Tensor, Tensor]:
     if impl == "triton":
-        return _attn_fwd_triton(q, k, v, scale, temp, diag_mask)
-    return attn_fwd_reference(q, k, v, scale, temp, diag_mask)
+        return _attn_fwd_triton(q, k, v, wq, bq, scale, temp, diag_mask)
+    return attn_fwd_reference(q, k, v, wq, bq, scale, temp, diag_mask)
+
+
+def _num_queries(q, wq):
+    return q.shape[2] if wq is None else q.shape[1]
 
 
 @attn_fwd.register_fake
-def _(q, k, v, scale, temp, diag_mask, impl):
-    B, H, NQ, D = q.shape
-    return _bnhd(B, H, NQ, D, q), q.new_empty((B, H, NQ), dtype=torch.float32)
+def _(q, k, v, wq, bq, scale, temp, diag_mask, impl):
+    (B, H, _, D), NQ = k.shape, _num_queries(q, wq)
+    return _bnhd(B, H, NQ, D, k), k.new_empty((B, H, NQ), dtype=torch.float32)
 
 
 @torch.library.custom_op("vitk::attn_bwd", mutates_args=())
-def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float,
-             temp: Optional[Tensor], diag_mask: bool, impl: str
+def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, wq: Optional[Tensor], bq: Optional[Tensor],
+             lse: Tensor, scale: float, temp: Optional[Tensor], diag_mask: bool, impl: str
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if impl == "triton":
-        return _attn_bwd_triton(do, q, k, v, lse, scale, temp, diag_mask)
-    return attn_bwd_reference(do, q, k, v, lse, scale, temp, diag_mask)
+        return _attn_bwd_triton(do, q, k, v, wq, bq, lse, scale, temp, diag_mask)
+    return attn_bwd_reference(do, q, k, v, wq, bq, lse, scale, temp, diag_mask)
 
 
 @attn_bwd.register_fake
-def _(do, q, k, v, lse, scale, temp, diag_mask, impl):
-    dt = temp.new_empty(temp.shape) if temp is not None else q.new_empty(0, dtype=torch.float32)
-    return (*(_bnhd(*t.shape, q) for t in (q, k, v)), dt)
+def _(do, q, k, v, wq, bq, lse, scale, temp, diag_mask, impl):
+    (B, H, NK, D), NQ = k.shape, _num_queries(q, wq)
+    dt = temp.new_empty(temp.shape) if temp is not None else k.new_empty(0, dtype=torch.float32)
+    return _bnhd(B, H, NQ, D, k), _bnhd(B, H, NK, D, k), _bnhd(B, H, NK, D, k), dt
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, temp, diag_mask, impl = inputs
+    q, k, v, wq, bq, scale, temp, diag_mask, impl = inputs
     _, lse = output
     # lse (B·H·N fp32) replaces the N×N probabilities; q, k, v are usually views of the qkv
-    # projection's output, so saving them costs nothing extra. O is not needed (see the
-    # backward kernel); the output projection saves it anyway.
-    ctx.save_for_backward(q, k, v, lse, temp)
+    # projection's output, so saving them costs nothing extra (with wq: the latent, R wide,
+    # instead of the H·D-wide queries). O is not needed (see the backward kernel); the output
+    # projection saves it anyway.
+    ctx.save_for_backward(q, k, v, wq, bq, lse, temp)
     ctx.scale, ctx.diag_mask, ctx.impl = scale, diag_mask, impl
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, lse, temp = ctx.saved_tensors
-    dq, dk, dv, dt = attn_bwd(do, q, k, v, lse, ctx.scale, temp, ctx.diag_mask, ctx.impl)
-    return dq, dk, dv, None, (dt if temp is not None else None), None, None
+    q, k, v, wq, bq, lse, temp = ctx.saved_tensors
+    dq, dk, dv, dt = attn_bwd(do, q, k, v, wq, bq, lse, ctx.scale, temp, ctx.diag_mask, ctx.impl)
+    dt = dt if temp is not None else None
+    if wq is None:
+        return dq, dk, dv, None, None, None, dt, None, None
+    # the up-projection's backward, from dq in its (B, N, H·D) layout (a view: no copy)
+    B, H, NQ, D = dq.shape
+    dq = dq.transpose(1, 2).reshape(B * NQ, H * D)
+    dc = (dq @ wq).view(q.shape)
+    return dc, dk, dv, dq.t() @ q.reshape(B * NQ, -1), dq.sum(0), None, dt, None, None
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -330,4 +387,14 @@ attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 def flash_attention(q, k, v, scale=1.0, temp: Optional[Tensor] = None, diag_mask: bool = False,
                     impl: str = "triton") -> Tensor:
     """softmax(scale · temp · q kᵀ) v with flash-style memory; impl 'triton' or 'torch'."""
-    return attn_fwd(q, k, v, float(scale), temp, diag_mask, impl)[0]
+    return attn_fwd(q, k, v, None, None, float(scale), temp, diag_mask, impl)[0]
+
+
+def flash_attention_latent_q(c, wq, bq, k, v, scale=1.0, temp: Optional[Tensor] = None,
+                             diag_mask: bool = False, impl: str = "triton") -> Tensor:
+    """Attention whose queries q = c wqᵀ + bq (c: (B, NQ, R) latent of a low-rank query
+    projection, wq: (H·D, R)) are built inside the kernel: the layer saves the R-wide latent
+    instead of the H·D-wide queries, and q never goes through memory."""
+    if bq is None:
+        bq = wq.new_zeros(wq.shape[0])
+    return attn_fwd(c, k, v, wq, bq, float(scale), temp, diag_mask, impl)[0]

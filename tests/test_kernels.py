@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernels import aot, flash_attn, lowrank
@@ -38,6 +39,22 @@ def assert_close(actual, expected, tol, what):
     err = (actual.double() - expected.double()).abs().max().item()
     ref = expected.double().abs().max().item()
     assert err <= tol * max(ref, 1e-6), f"{what}: max error {err:.3g}, max |reference| {ref:.3g}"
+
+
+def check_against_float64(run, inputs, reference, dtype, names):
+    """run(*inputs) against reference(*inputs in float64), both through autograd: the output
+    and the gradient of every input within TOL[dtype]."""
+    out = run(*inputs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = reference(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, TOL[dtype], "output")
+    for name, g, r in zip(names, grads, ref_grads):
+        assert g.shape == r.shape, name
+        assert_close(g, r, TOL[dtype], name)
 
 
 def saved_tensors(fn):
@@ -75,51 +92,37 @@ def make_attention_inputs(B, H, NQ, NK, D, dtype, lsa, seed=0):
     return q, k, v, scale
 
 
-def reference_attention(q, k, v, scale, diag):
-    """Output and gradients by float64 autograd through the plain math path."""
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    s = scale.detach().double().requires_grad_() if torch.is_tensor(scale) else scale
-    out = flash_attn.attention_math(*leaves, s, diag)
-    return out, leaves + ([s] if torch.is_tensor(s) else [])
+def attention_args(q, k, v, scale):
+    """The differentiable inputs, and how to call attention with them (scale: float or tensor)."""
+    if torch.is_tensor(scale):
+        return [q, k, v, scale], lambda attn, diag: (lambda q, k, v, s: attn(q, k, v, s, diag))
+    return [q, k, v], lambda attn, diag: (lambda q, k, v: attn(q, k, v, scale, diag))
+
+
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+LSA_MODES = pytest.mark.parametrize("lsa", list(LSA), ids=list(LSA))
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("lsa", list(LSA), ids=list(LSA))
+@DTYPES
+@LSA_MODES
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B{}H{}q{}k{}D{}".format(*s))
 def test_attention_kernel_matches_reference(shape, lsa, dtype):
-    q, k, v, scale = make_attention_inputs(*shape, dtype, LSA[lsa])
+    inputs, call = attention_args(*make_attention_inputs(*shape, dtype, LSA[lsa]))
     diag = lsa != "off"
     kernels.set_backend("triton")
-    out = kernels.attention(q, k, v, scale, diag_mask=diag)
-    grad_out = torch.randn_like(out.float()).to(dtype)
-    inputs = [q, k, v] + ([scale] if torch.is_tensor(scale) else [])
-    grads = torch.autograd.grad(out, inputs, grad_out)
-
-    ref_out, ref_leaves = reference_attention(q, k, v, scale, diag)
-    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out.double())
-    assert out.dtype == dtype and out.shape == ref_out.shape
-    assert_close(out, ref_out, TOL[dtype], "output")
-    for name, g, r in zip(["dq", "dk", "dv", "dtemp"], grads, ref_grads):
-        assert g.shape == r.shape, name
-        assert_close(g, r, TOL[dtype], name)
+    check_against_float64(call(kernels.attention, diag), inputs, call(flash_attn.attention_math, diag),
+                          dtype, ["dq", "dk", "dv", "dtemp"])
 
 
-@pytest.mark.parametrize("lsa", list(LSA), ids=list(LSA))
+@LSA_MODES
 def test_attention_reference_ops_match_math(lsa):
     """The custom op's PyTorch implementation (backend 'reference': what the kernels compute,
     flash-style) against plain autograd, in fp32."""
-    q, k, v, scale = make_attention_inputs(2, 3, 65, 65, 16, torch.float32, LSA[lsa], seed=1)
-    diag = lsa != "off"
+    inputs, call = attention_args(*make_attention_inputs(2, 3, 65, 65, 16, torch.float32, LSA[lsa], seed=1))
     kernels.set_backend("reference")
-    out = kernels.attention(q, k, v, scale, diag_mask=diag)
-    inputs = [q, k, v] + ([scale] if torch.is_tensor(scale) else [])
-    grads = torch.autograd.grad(out.sum(), inputs)
-    ref_out, ref_leaves = reference_attention(q, k, v, scale, diag)
-    ref_grads = torch.autograd.grad(ref_out.sum(), ref_leaves)
-    assert_close(out, ref_out, TOL[torch.float32], "output")
-    for g, r in zip(grads, ref_grads):
-        assert_close(g, r, TOL[torch.float32], "grad")
+    check_against_float64(call(kernels.attention, lsa != "off"), inputs,
+                          call(flash_attn.attention_math, lsa != "off"), torch.float32, ["dq", "dk", "dv", "dtemp"])
 
 
 def model_like_qkv(B=2, N=65, H=3, D=16, dtype=torch.float32):
@@ -164,25 +167,15 @@ def make_lowrank_inputs(B, N, C, R, dtype, bias, seed=0):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@DTYPES
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", LOWRANK_SHAPES, ids=lambda s: "B{}N{}C{}R{}".format(*s))
 def test_lowrank_kernel_matches_reference(shape, bias, dtype):
-    x, w_down, w_up, b = make_lowrank_inputs(*shape, dtype, bias)
-    inputs = [t for t in (x, w_down, w_up, b) if t is not None]
+    inputs = [t for t in make_lowrank_inputs(*shape, dtype, bias) if t is not None]
     kernels.set_backend("triton")
-    y = kernels.lowrank_linear(x, w_down, w_up, b)
-    grad_out = torch.randn_like(y.float()).to(dtype)
-    grads = torch.autograd.grad(y, inputs, grad_out)
-
-    ref_in = [t.detach().double().requires_grad_() for t in inputs]
-    ref = lowrank.lowrank_math(ref_in[0], ref_in[1], ref_in[2], ref_in[3] if bias else None)
-    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
-    assert y.dtype == dtype and y.shape == ref.shape
-    assert_close(y, ref, TOL[dtype], "output")
-    for name, g, r in zip(["dx", "dW_down", "dW_up", "db"], grads, ref_grads):
-        assert g.shape == r.shape, name
-        assert_close(g, r, TOL[dtype], name)
+    check_against_float64(lambda *t: kernels.lowrank_linear(*t, *[None] * (4 - len(t))), inputs,
+                          lambda *t: lowrank.lowrank_math(*t, *[None] * (4 - len(t))),
+                          dtype, ["dx", "dW_down", "dW_up", "db"])
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
@@ -206,6 +199,61 @@ def test_lowrank_reference_ops_match_math():
     ref_grads = torch.autograd.grad(lowrank.lowrank_math(*inputs).square().sum(), inputs)
     for g, r in zip(grads, ref_grads):
         assert_close(g, r, TOL[torch.float32], "grad")
+
+
+# ----------------------------------------------------------------------------- mla-q: queries from the latent
+
+MLA_Q_SHAPES = [(1, 3, 65, 16, 64, 0), (2, 2, 66, 8, 32, 2)]  # (B, H, N, D, R, num_query)
+
+
+def make_mla_q_inputs(B, H, N, D, R, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = H * D
+    x = torch.randn(B, N, C, generator=g).to(dtype).requires_grad_()
+    w_down = (torch.randn(R, C, generator=g) * C ** -0.5).to(dtype).requires_grad_()
+    w_up = (torch.randn(C, R, generator=g) * R ** -0.5).to(dtype).requires_grad_()
+    b_up = (0.1 * torch.randn(C, generator=g)).to(dtype).requires_grad_()
+    k, v = (torch.randn(B, H, N, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    return [x, w_down, w_up, b_up, k, v]
+
+
+def mla_q_reference(x, w_down, w_up, b_up, k, v, scale, diag, num_query):
+    B, H, _, D = k.shape
+    c = F.linear(x, w_down)[:, :num_query or None]
+    q = F.linear(c, w_up, b_up).view(B, -1, H, D).transpose(1, 2)
+    return flash_attn.attention_math(q, k, v, scale, diag)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@DTYPES
+@LSA_MODES
+@pytest.mark.parametrize("shape", MLA_Q_SHAPES, ids=lambda s: "B{}H{}N{}D{}R{}q{}".format(*s))
+def test_lowrank_q_attention_matches_reference(shape, lsa, dtype, backend):
+    """Queries built in the kernel from the latent: output and the gradients of x, W_down,
+    W_up, b_up, k, v and the temperature."""
+    B, H, N, D, R, nq = shape
+    inputs = make_mla_q_inputs(B, H, N, D, R, dtype)
+    scale = make_attention_inputs(B, H, 1, 1, D, torch.float32, LSA[lsa])[3]
+    if torch.is_tensor(scale):
+        inputs.append(scale)
+    diag = lsa != "off"
+
+    def pick(fn):
+        return lambda *t: fn(*t[:6], t[6] if len(t) > 6 else scale, diag, nq)
+
+    kernels.set_backend(backend)
+    check_against_float64(pick(kernels.lowrank_q_attention), inputs, pick(mla_q_reference), dtype,
+                          ["dx", "dW_down", "dW_up", "db_up", "dk", "dv", "dtemp"])
+
+
+def test_lowrank_q_attention_saves_the_latent_not_q():
+    x, w_down, w_up, b_up, k, v = make_mla_q_inputs(2, 3, 65, 16, 32, torch.float32)
+    kernels.set_backend("reference")
+    _, saved = saved_tensors(lambda: kernels.lowrank_q_attention(x, w_down, w_up, b_up, k, v, 0.25))
+    weights = {w.untyped_storage().data_ptr() for w in (w_down, w_up, b_up)}
+    sizes = sorted(t.numel() for t in saved if t.untyped_storage().data_ptr() not in weights)
+    # x (for W_down's gradient), the latent c, k, v and the lse: no B·N·H·D queries
+    assert sizes == sorted([2 * 65 * 48, 2 * 65 * 32, 2 * 65 * 48, 2 * 65 * 48, 2 * 3 * 65])
 
 
 # ----------------------------------------------------------------------------- dispatch
