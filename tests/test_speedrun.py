@@ -206,3 +206,31 @@ def test_end_to_end_on_real_cifar(real_archive, tmp_path):
     # a second start into the same folder is refused; --eval-only reports the checkpoint
     assert S.main(argv) == 2
     assert S.main(["--eval-only", "--resume", str(out), "--data", real_archive]) == 0
+
+
+def test_time_budget_schedule_ends_at_the_budget(real_archive, tmp_path):
+    """A fake clock that advances 50 ms per reading: the cosine reaches its end value exactly
+    when the budget (less the final evaluation's reserve) runs out, long before the epochs do."""
+    ticks = iter(range(10 ** 9))
+    clock = lambda: next(ticks) * 0.05
+    cfg = S.resolve_config("baseline", width=32, depth=1, heads=2, patch_size=8, batch_size=64,
+                           time_budget=30.0, log_every=1, autoaugment=False, mix_prob=0.0, data=real_archive, out=str(tmp_path / "run"),
+                           precision="fp32")
+    summary = S.train(cfg, clock=clock)
+    lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    lrs = [l["lr"] for l in lines if l["kind"] == "train"]
+    assert 20 < summary["steps"] < 1000  # stopped by the budget, not by the 100 epochs
+    assert lrs[-1] == pytest.approx(cfg.min_lr) and max(lrs) == pytest.approx(cfg.lr, rel=0.05)
+    # the fake evaluation takes no time, so the run ends early by the time reserved for it
+    assert 15.0 < summary["total_s"] <= 30.0
+
+
+@pytest.mark.parametrize("flags, device, want", [
+    ({"amx_bf16", "amx_tile"}, "cpu", torch.bfloat16),
+    ({"avx512_bf16"}, "cpu", torch.bfloat16),
+    ({"avx2", "avx512f"}, "cpu", None),   # no bf16 units: bf16 would be emulated, slower
+    (set(), "cuda", torch.bfloat16),
+])
+def test_precision_follows_the_hardware(flags, device, want):
+    assert S.pick_precision("auto", torch.device(device), cpu_flags=flags) is want
+    assert S.pick_precision("fp32", torch.device(device), cpu_flags=flags) is None
