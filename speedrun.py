@@ -73,8 +73,8 @@ class Config:
     lr: float = _f(2e-3, "peak learning rate (the paper's text: 2e-3)")
     weight_decay: float = _f(0.05, "decoupled weight decay on weight matrices")
     batch_size: int = _f(256, "global batch size (split across processes under torchrun)")
-    epochs: float = _f(100, "epochs, each passes_per_epoch passes over the training set")
-    warmup_epochs: float = _f(10, "linear warm-up length, as a share of epochs")
+    epochs: float = _f(100.0, "epochs, each passes_per_epoch passes over the training set")
+    warmup_epochs: float = _f(10.0, "linear warm-up length, as a share of epochs")
     min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
     label_smoothing: float = _f(0.1, "label smoothing")
     # run
@@ -85,11 +85,12 @@ class Config:
     precision: str = _f("auto", "compute precision; auto: bf16 autocast on CUDA and on CPUs with "
                                 "AMX/AVX512-BF16, fp32 elsewhere",
                         choices=("auto", "fp32", "bf16"))
-    compile: str = _f("auto", "torch.compile the model; auto: on for CUDA, off on CPU",
+    compile: str = _f("auto", "torch.compile the model; auto: on for CUDA; on CPU only for runs "
+                                "planned >= 30 min, where its ~40 s compile pays back",
                       choices=("auto", "on", "off"))
     kernels: str = _f("auto", "attention/low-rank kernels: Triton on CUDA (auto) or PyTorch",
                       choices=("auto", "triton", "torch"))
-    eval_every: float = _f(10, "evaluate on the 10k test images every N epochs (and at the end)")
+    eval_every: float = _f(10.0, "evaluate on the 10k test images every N epochs (and at the end)")
     log_every: int = _f(50, "log loss/throughput every N steps (the only host syncs)")
     data: str = _f("", "cifar-10-python.tar.gz or cifar-10-batches-py/ (default: ./data, "
                        "downloaded if missing)")
@@ -451,8 +452,17 @@ def pick_precision(requested: str, device: torch.device, cpu_flags: set = None):
     return torch.bfloat16 if requested == "bf16" else None
 
 
-def pick_compile(requested: str, device: torch.device) -> bool:
-    return requested == "on" or (requested == "auto" and device.type == "cuda")
+# On the 2-core AMX CPU torch.compile costs ~40 s and gains ~9 % (152 vs 139 img/s, baseline
+# bf16): it pays back only in runs of about half an hour or more.
+CPU_COMPILE_PAYBACK_S = 1800
+CPU_IMG_PER_S = 150  # rough baseline speed on that CPU, to turn planned steps into seconds
+
+
+def pick_compile(requested: str, device: torch.device, planned_s: float = 0.0) -> bool:
+    """auto: always on CUDA; on CPU only for runs planned to last CPU_COMPILE_PAYBACK_S or more."""
+    if requested != "auto":
+        return requested == "on"
+    return device.type == "cuda" or (device.type == "cpu" and planned_s >= CPU_COMPILE_PAYBACK_S)
 
 
 @dataclass
@@ -503,8 +513,6 @@ class Trainer:
         if dist.world_size > 1:
             ids = [dist.local_rank] if device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if pick_compile(cfg.compile, device):
-            self.net = torch.compile(self.net)
         n_train = self.data["train_x"].shape[0]
         self.sampler = data_gpu.RepeatedPassSampler(n_train, cfg.batch_size, cfg.seed, device,
                                                     dist.rank, dist.world_size)
@@ -512,6 +520,10 @@ class Trainer:
                                               cfg.passes_per_epoch)
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.planned_s = cfg.time_budget or self.total_steps * cfg.batch_size / CPU_IMG_PER_S
+        self.compiled = pick_compile(cfg.compile, device, self.planned_s)
+        if self.compiled:
+            self.net = torch.compile(self.net)
         self.steps_per_epoch = n_train * cfg.passes_per_epoch / cfg.batch_size
         self.aug_gen = torch.Generator(device)
         self.seed_streams(cfg.seed * 1000 + dist.rank)
@@ -822,7 +834,7 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     total = trainer.total_steps
     log(f"{cfg.variant}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
         f"{total:,} steps of {cfg.batch_size} on {device} "
-        f"({'bf16' if trainer.amp_dtype else 'fp32'}, compile {pick_compile(cfg.compile, device)}, "
+        f"({'bf16' if trainer.amp_dtype else 'fp32'}, compile {trainer.compiled}, "
         f"kernels {cfg.kernels}) -> {out}")
 
     # time budget: the whole run (start-up and final eval included) ends when the budget does
@@ -876,10 +888,14 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
             else:
                 loss_sum += loss
                 loss_count += 1
-            if step == sched_start_step + 5 and budget_end is not None:
-                # reserve time for the final eval: forward-only costs about a third of a step
-                per_image = (clock() - sched_start_time) / (5 * cfg.batch_size)
-                eval_reserve = 1.0 + 0.5 * per_image * data["test_x"].shape[0]
+            if budget_end is not None and step - sched_start_step in (5, 25):
+                # reserve time for the final eval (forward-only: about a third of a step): a
+                # first guess after 5 steps, measured again past the warm-up's slow steps
+                if step - sched_start_step == 5:
+                    t5, per_image = clock(), (clock() - sched_start_time) / (5 * cfg.batch_size)
+                else:
+                    per_image = (clock() - t5) / (20 * cfg.batch_size)
+                eval_reserve = 1.0 + 0.4 * per_image * data["test_x"].shape[0]
             done = p >= 1.0 or step >= total
             # a lone process acts on a signal at once; under torchrun at the next log step, as
             # all ranks must stop at the same step and a signal may reach them a step apart
