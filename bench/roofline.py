@@ -29,7 +29,18 @@ Peaks (dense, no sparsity):
 """
 import argparse
 import math
+import os
+import sys
 from dataclasses import dataclass
+
+# the repository root, not bench/, is the import root (bench/profile.py shadows stdlib `profile`)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import torch  # noqa: E402
+
+from kernels.flash_attn import attn_config  # noqa: E402
 
 GPUS = {  # name: (bytes/s, bf16 FLOP/s, exp2/s)
     "H100": (3.35e12, 989.4e12, 132 * 16 * 1.98e9),
@@ -67,8 +78,11 @@ class Cost:
 
 # ----------------------------------------------------------------------------- attention
 
-def attention_costs(B, H, N, D, block_m_fwd=16, block_m_bwd=32, lsa=False):
-    """(fused fwd, fused bwd, unfused fwd, unfused bwd) for one attention call."""
+def attention_costs(B, H, N, D, lsa=False, latent=0):
+    """(fused fwd, fused bwd, unfused fwd, unfused bwd) for one attention call; the kernels'
+    query blocks as kernels.flash_attn launches them."""
+    block_m_fwd, block_m_bwd = (attn_config(N, D, torch.bfloat16, which, latent)["BLOCK_M"]
+                                for which in ("fwd", "bwd"))
     X = B * H * N * D * BF16           # one of q, k, v, o, dO, dq, ...
     L = B * H * N * FP32               # log-sum-exp
     P2, P4 = B * H * N * N * BF16, B * H * N * N * FP32
@@ -133,6 +147,7 @@ def mla_q_costs(B, H, N, D, R):
     lr_f, lr_b, _, _ = lowrank_costs(M, C, R, C)
     at_f, at_b, _, _ = attention_costs(B, H, N, D)
     a_fwd, a_bwd = lr_f + at_f, at_b + lr_b
+    at_f, at_b, _, _ = attention_costs(B, H, N, D, latent=R)  # its own block sizes
 
     w = (R * C + C * R + C) * BF16
     up = 2 * M * R * C

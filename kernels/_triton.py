@@ -98,6 +98,13 @@ def _fix_interpreter_bf16_dot():
     ti.InterpreterBuilder.create_dot = create_dot
 
 
+def same_dtype(*tensors):
+    """The kernels take one element type, as F.linear and matmul demand outside autocast."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) > 1:
+        raise TypeError(f"expected tensors of one dtype, got {sorted(map(str, dtypes))}")
+
+
 def kjit(fn):
     return _KernelFunction(fn)
 

@@ -55,11 +55,12 @@ class Build:
     aligned: tuple = ()       # args a JIT launch sees divisible by 16 (pointers, most strides)
     num_warps: int = 4
     num_stages: int = 1
+    maxnreg: int = None       # ptxas register cap, where a config sets one
 
     def key(self, cap: int) -> str:
         import triton
         blob = json.dumps([self.fn.cache_key, self.signature, self.constexprs, self.aligned, self.num_warps,
-                           self.num_stages, cap, triton.__version__])
+                           self.num_stages, self.maxnreg, cap, triton.__version__])
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -78,20 +79,20 @@ def _signature(fn, pointers: dict, floats=(), constexprs=None) -> tuple:
     return tuple(sig)
 
 
-def _build(fn, config, pointers, floats, constexprs, num_warps, num_stages, aligned_ints=()):
+def _build(fn, config, pointers, floats, constexprs, num_warps, num_stages, maxnreg=None, aligned_ints=()):
     """JIT launches specialise pointers and integers divisible by 16 (vector loads); say the
     same here for pointers and for the integer args that are multiples of 16 at real shapes."""
     aligned = tuple(a for a in fn.arg_names if a in pointers or a in aligned_ints)
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     return Build(fn.fn.__name__, config, fn, _signature(fn, pointers, floats, constexprs),
-                 tuple(sorted(constexprs.items())), aligned, num_warps, num_stages)
+                 tuple(sorted(constexprs.items())), aligned, num_warps, num_stages, maxnreg)
 
 
 def _dedupe(builds):
     """One build per distinct compile; the configs that share it are listed in its label."""
     merged = {}
     for b in builds:
-        key = (b.kernel, b.signature, b.constexprs, b.aligned, b.num_warps, b.num_stages)
+        key = (b.kernel, b.signature, b.constexprs, b.aligned, b.num_warps, b.num_stages, b.maxnreg)
         shape = b.config.split(" ")[0]
         if key in merged:
             first = merged[key]
@@ -103,22 +104,28 @@ def _dedupe(builds):
     return list(merged.values())
 
 
+ATTN_KERNELS = {"fwd": attention._attn_fwd_kernel, "bwd": attention._attn_bwd_kernel}
+
+
 def attention_builds(seq_lens=SEQ_LENS, head_dims=attention.HEAD_DIMS, dtypes=tuple(DTYPES),
-                     lsa_modes=tuple(LSA_MODES), latents=(0,)):
-    """latent R > 0: the mla-q form that builds queries from an R-wide latent in the kernel."""
+                     lsa_modes=tuple(LSA_MODES), latents=(0,), kernels=("fwd", "bwd"), tune=None):
+    """latent R > 0: the mla-q form that builds queries from an R-wide latent in the kernel.
+    tune: {BLOCK_M, num_warps} to try instead of attn_config's (for sweeps)."""
     builds = []
     for n, d, dtype, mode, latent in product(seq_lens, head_dims, dtypes, lsa_modes, latents):
         dt = DTYPES[dtype]
-        for which, fn in (("fwd", attention._attn_fwd_kernel), ("bwd", attention._attn_bwd_kernel)):
-            cfg = attention.attn_config(n, d, dtype, which)
-            meta = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+        for which in kernels:
+            fn = ATTN_KERNELS[which]
+            cfg = {**attention.attn_config(n, d, dtype, which, latent), **(tune or {})}
+            meta = {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
             const = dict(HEAD_DIM=d, LATENT=latent, BLOCK_R=max(16, latent), **LSA_MODES[mode], **cfg)
             ptrs = {a: dt for a in ("Q", "WQ", "BQ", "K", "V", "O", "DO", "DQ", "DK", "DV")}
             ptrs.update(LSE="fp32", T="fp32", DT="fp32")
             # batch and row strides are multiples of 16 at real widths; head strides iff D is
             strides = [a for a in fn.arg_names if a.startswith("s") and a[-1] in "bn" + "h" * (d % 16 == 0)]
             q_up = f" q-up{latent}" if latent else ""
-            label = f"N≤{cfg['BLOCK_N']} D{d} {dt} {mode}{q_up} BM{cfg['BLOCK_M']} w{meta['num_warps']}"
+            cap = f" r{meta['maxnreg']}" if meta["maxnreg"] else ""
+            label = f"N≤{cfg['BLOCK_N']} D{d} {dt} {mode}{q_up} BM{cfg['BLOCK_M']} w{meta['num_warps']}{cap}"
             builds.append(_build(fn, label, ptrs, ("scale",), const, aligned_ints=strides, **meta))
     return _dedupe(builds)
 
@@ -129,7 +136,7 @@ def lowrank_builds(shapes=LOWRANK_SHAPES, dtypes=tuple(DTYPES)):
         dt = DTYPES[dtype]
         for which, fn in (("fwd", lowrank._lowrank_fwd_kernel), ("bwd", lowrank._lowrank_bwd_kernel)):
             cfg = lowrank.lowrank_config(c_in, r, c_out, dtype, which)
-            meta = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+            meta = {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
             ptrs = {a: dt for a in ("X", "WD", "WU", "BIAS", "Y", "DY", "DX", "HID", "DHID")}
             label = f"{c_in}->{r}->{c_out} {dt} BM{cfg['BLOCK_M']} w{meta['num_warps']}"
             builds.append(_build(fn, label, ptrs, (), dict(R=r, HAS_BIAS=True, **cfg),
@@ -159,11 +166,18 @@ def compile_one(build: Build, cap: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+    if not isinstance(tl.max, JITFunction):
+        raise RuntimeError("triton was imported with TRITON_INTERPRET=1, which makes its library "
+                           "functions uncompilable: run kernels.aot in a process without it")
     attrs = {(build.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in build.aligned}
     src = ASTSource(fn=build.fn, signature=dict(build.signature), constexprs=dict(build.constexprs),
                     attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                            options=dict(num_warps=build.num_warps, num_stages=build.num_stages))
+    options = dict(num_warps=build.num_warps, num_stages=build.num_stages)
+    if build.maxnreg:
+        options["maxnreg"] = build.maxnreg
+    kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
     CACHE.mkdir(parents=True, exist_ok=True)
     cubin = CACHE / f"{build.key(cap)}.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
@@ -200,18 +214,48 @@ def run(builds, targets=TARGETS, jobs=1):
 
 
 def table(rows) -> str:
-    lines = [f"{'kernel':<22} {'config':<40} {'target':<6} {'regs':>4} {'smem B':>7} {'spill B':>7}"]
+    """One line per configuration, the targets side by side: registers/shared bytes/spill bytes."""
+    caps = sorted({cap for _, cap, _ in rows})
+    by_build = {}
     for b, cap, r in rows:
-        flag = "" if ok(r) else "  <-- FAIL"
-        lines.append(f"{b.kernel:<22} {b.config:<40} sm_{cap:<3} {r['regs']:>4} {r['smem']:>7} {r['local']:>7}{flag}")
+        by_build.setdefault(b, {})[cap] = r
+    head = "".join(f" {'sm_%d regs/smem/spill' % cap:>24}" for cap in caps)
+    lines = [f"{'kernel':<20} {'config':<46}{head}"]
+    for b, res in by_build.items():
+        cells = "".join(f" {'%d/%d/%d' % (res[c]['regs'], res[c]['smem'], res[c]['local']):>24}" for c in caps)
+        flag = "" if all(ok(r) for r in res.values()) else "  <-- FAIL"
+        lines.append(f"{b.kernel:<20} {b.config:<46}{cells}{flag}")
     return "\n".join(lines)
+
+
+def sweep(which: str, n: int, d: int, dtype, latent: int = 0, block_ms=(16, 32), warps=(4, 8, 16)):
+    """Try (BLOCK_M, num_warps) for one attention kernel over every LSA mode and target:
+    [(block_m, warps, worst regs, worst smem, worst spill, sm_86 resident warps)]."""
+    out = []
+    for bm, w in product(block_ms, warps):
+        builds = attention_builds((n,), (d,), (dtype,), latents=(latent,), kernels=(which,),
+                                  tune=dict(BLOCK_M=bm, num_warps=w))
+        res = [r for _, _, r in run(builds)]
+        regs, smem = max(r["regs"] for r in res), max(r["smem"] for r in res)
+        blocks = min(16, 65536 // (-(-regs // 8) * 8 * 32 * w), SMEM_LIMIT_SM86 // max(smem, 1))
+        out.append((bm, w, regs, smem, max(r["local"] for r in res), min(48, blocks * w)))
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, nargs="+", default=list(TARGETS))
     ap.add_argument("--jobs", type=int, default=1, help="parallel compiles (the machine may be shared)")
+    ap.add_argument("--sweep", nargs=5, metavar=("KERNEL", "N", "D", "DTYPE", "LATENT"),
+                    help="try block/warp settings for one attention config, e.g. bwd 65 16 bf16 0")
     args = ap.parse_args(argv)
+    if args.sweep:
+        which, n, d, dt, latent = args.sweep
+        dtype = {v: k for k, v in DTYPES.items()}[dt]
+        print("BLOCK_M warps worst-regs worst-smem worst-spill sm86-warps/SM")
+        for row in sweep(which, int(n), int(d), dtype, int(latent)):
+            print("%7d %5d %10d %10d %11d %13d" % row)
+        return 0
     rows = run(all_builds(), args.arch, args.jobs)
     print(table(rows))
     bad = [r for r in rows if not ok(r[2])]

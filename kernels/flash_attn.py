@@ -17,10 +17,14 @@ Three implementations of the same maths:
 * `attention_math`: plain autograd through matmul/softmax/matmul — the `torch` backend; the
   fastest on CPU in bf16 (it keeps the N×N probabilities for backward).
 * `attn_fwd_reference` / `attn_bwd_reference`: flash-style forward/backward in PyTorch; they
-  back the custom op on CPU (backend `torch-fn`) and define what the Triton kernels compute.
+  back the custom op for backend `reference` and define what the Triton kernels compute.
 * `_attn_fwd_kernel` / `_attn_bwd_kernel`: the Triton kernels (backend `triton`).
 The custom op `vitk::attn_fwd` (+ `vitk::attn_bwd` for its backward) saves the same tensors
 whichever of the last two computes it.
+
+mla-q form (`flash_attention_latent_q`): given the low-rank query latent c (B, N, R) and the
+up-projection (W_q, b_q), each program builds its head's queries in registers, so the layer
+saves the R-wide latent instead of the H·D-wide queries (R = 64 vs 192 at the baseline width).
 """
 from typing import Optional, Tuple
 
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import dot_precision, kjit, load_tile, next_pow2, store_tile, tl
+from ._triton import dot_precision, kjit, load_tile, next_pow2, same_dtype, store_tile, tl
 
 MAX_SEQ = 128  # one program holds all keys; longer sequences use the math path
 HEAD_DIMS = (8, 16, 32, 64)
@@ -46,17 +50,27 @@ _TUNED = {
     ("bwd", False, 16): (32, 8), ("bwd", False, 32): (32, 8), ("bwd", False, 64): (32, 8),
     ("bwd", True, 16): (16, 8), ("bwd", True, 32): (16, 16), ("bwd", True, 64): (16, 16),
 }
+# (kernel, fp32?, BLOCK_D, BLOCK_N, queries from a latent?) -> (BLOCK_M, num_warps, maxnreg):
+# where the rule above spills on some target or LSA mode. maxnreg lifts ptxas's own occupancy
+# target, which otherwise caps this fp32 kernel at 64 registers on sm_80 and spills 8 bytes.
+_TUNED_EXCEPTIONS = {
+    ("bwd", False, 16, 64, False): (16, 4, None), ("bwd", False, 32, 64, False): (16, 4, None),
+    ("bwd", False, 16, 128, True): (16, 8, None), ("bwd", False, 16, 64, True): (16, 8, None),
+    ("bwd", True, 16, 64, False): (16, 8, 128),
+}
 
 
-def attn_config(n: int, d: int, dtype=torch.bfloat16, which: str = "fwd") -> dict:
-    """Launch meta-parameters for n ≤ MAX_SEQ keys and head dim d ≤ 64, shared with
-    kernels.aot. BLOCK_N covers all keys; tl.dot needs every dim ≥ 16, so D = 8 is padded."""
+def attn_config(n: int, d: int, dtype=torch.bfloat16, which: str = "fwd", latent: int = 0) -> dict:
+    """Launch meta-parameters for n ≤ MAX_SEQ keys, head dim d ≤ 64 (and queries from an
+    R-wide latent if latent > 0), shared with kernels.aot. BLOCK_N covers all keys; tl.dot
+    needs every dim ≥ 16, so D = 8 is padded."""
     block_n = max(16, next_pow2(n))
     block_d = max(16, next_pow2(d))
-    block_m, warps = _TUNED[(which, dtype == torch.float32, block_d)]
-    warps = min(warps, max(4, block_n // 8))  # ≤ 64 keys: 16 warps would split them too thin
+    fp32 = dtype == torch.float32
+    block_m, warps, maxnreg = _TUNED_EXCEPTIONS.get((which, fp32, block_d, block_n, latent > 0),
+                                                    (*_TUNED[(which, fp32, block_d)], None))
     return dict(BLOCK_M=min(block_m, block_n), BLOCK_N=block_n, BLOCK_D=block_d,
-                PREC=dot_precision(dtype), num_warps=warps, num_stages=1)
+                PREC=dot_precision(dtype), num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -225,7 +239,7 @@ def _attn_fwd_triton(q, k, v, wq, bq, scale, temp, diag_mask):
     _attn_fwd_kernel[(B * H,)](
         *qargs[:3], k, v, o, lse, t, *qargs[3:], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, NQ, NK, float(scale), HEAD_DIM=D, DIAG=diag_mask, **tflags, **qmeta,
-        **attn_config(NK, D, k.dtype, "fwd"))
+        **attn_config(NK, D, k.dtype, "fwd", qmeta["LATENT"]))
     return o, lse
 
 
@@ -239,7 +253,7 @@ def _attn_bwd_triton(do, q, k, v, wq, bq, lse, scale, temp, diag_mask):
         *qargs[:3], k, v, do, lse, t, dq, dk, dv, dt,
         *qargs[3:], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3], H, NQ, NK, float(scale),
-        HEAD_DIM=D, DIAG=diag_mask, **tflags, **qmeta, **attn_config(NK, D, k.dtype, "bwd"))
+        HEAD_DIM=D, DIAG=diag_mask, **tflags, **qmeta, **attn_config(NK, D, k.dtype, "bwd", qmeta["LATENT"]))
     return dq, dk, dv, _reduce_temp_grad(dt, temp)
 
 
@@ -387,6 +401,7 @@ attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 def flash_attention(q, k, v, scale=1.0, temp: Optional[Tensor] = None, diag_mask: bool = False,
                     impl: str = "triton") -> Tensor:
     """softmax(scale · temp · q kᵀ) v with flash-style memory; impl 'triton' or 'torch'."""
+    same_dtype(q, k, v)
     return attn_fwd(q, k, v, None, None, float(scale), temp, diag_mask, impl)[0]
 
 
@@ -397,4 +412,5 @@ def flash_attention_latent_q(c, wq, bq, k, v, scale=1.0, temp: Optional[Tensor] 
     instead of the H·D-wide queries, and q never goes through memory."""
     if bq is None:
         bq = wq.new_zeros(wq.shape[0])
+    same_dtype(c, wq, bq, k, v)
     return attn_fwd(c, k, v, wq, bq, float(scale), temp, diag_mask, impl)[0]

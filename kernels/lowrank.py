@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import dot_precision, kjit, load_tile, next_pow2, store_tile, tl
+from ._triton import dot_precision, kjit, load_tile, next_pow2, same_dtype, store_tile, tl
 
 
 def lowrank_config(c_in: int, r: int, c_out: int, dtype=torch.bfloat16, which: str = "fwd") -> dict:
@@ -27,7 +27,7 @@ def lowrank_config(c_in: int, r: int, c_out: int, dtype=torch.bfloat16, which: s
     fp32 = dtype == torch.float32
     block_m = 32 if fp32 and which == "bwd" else 64
     return dict(BLOCK_M=block_m, BLOCK_K=64, BLOCK_N=64, BLOCK_R=max(16, next_pow2(r)),
-                PREC=dot_precision(dtype), num_warps=8 if fp32 else 4, num_stages=1)
+                PREC=dot_precision(dtype), num_warps=8 if fp32 else 4, num_stages=1, maxnreg=None)
 
 
 @kjit
@@ -184,4 +184,5 @@ lowrank_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def fused_lowrank(x, w_down, w_up, b=None, impl: str = "triton") -> Tensor:
     """(x W_downᵀ) W_upᵀ + b saving only x; impl 'triton' or 'torch'."""
+    same_dtype(x, w_down, w_up, b)
     return lowrank_fwd(x, w_down, w_up, b, impl)
