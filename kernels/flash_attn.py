@@ -47,15 +47,15 @@ HEAD_DIMS = (8, 16, 32, 64)
 _TUNED = {
     ("fwd", False, 16): (16, 4), ("fwd", False, 32): (32, 4), ("fwd", False, 64): (32, 4),
     ("fwd", True, 16): (16, 4), ("fwd", True, 32): (16, 8), ("fwd", True, 64): (16, 8),
-    ("bwd", False, 16): (32, 8), ("bwd", False, 32): (32, 8), ("bwd", False, 64): (32, 8),
+    ("bwd", False, 16): (16, 8), ("bwd", False, 32): (32, 8), ("bwd", False, 64): (32, 8),
     ("bwd", True, 16): (16, 8), ("bwd", True, 32): (16, 16), ("bwd", True, 64): (16, 16),
 }
 # (kernel, fp32?, BLOCK_D, BLOCK_N, queries from a latent?) -> (BLOCK_M, num_warps, maxnreg):
-# where the rule above spills on some target or LSA mode. maxnreg lifts ptxas's own occupancy
-# target, which otherwise caps this fp32 kernel at 64 registers on sm_80 and spills 8 bytes.
+# where the rule above spills on some target or LSA mode, or keeps fewer warps resident.
+# maxnreg lifts ptxas's own occupancy target, which otherwise caps this fp32 kernel at 64
+# registers on sm_80 and spills 8 bytes.
 _TUNED_EXCEPTIONS = {
-    ("bwd", False, 16, 64, False): (16, 4, None), ("bwd", False, 32, 64, False): (16, 4, None),
-    ("bwd", False, 16, 128, True): (16, 8, None), ("bwd", False, 16, 64, True): (16, 8, None),
+    ("bwd", False, 32, 64, False): (16, 4, None),  # not a spill: 12 resident warps/SM instead of 8
     ("bwd", True, 16, 64, False): (16, 8, 128),
 }
 
