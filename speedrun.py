@@ -88,8 +88,9 @@ class Config:
     compile: str = _f("auto", "torch.compile the model; auto: on for CUDA; on CPU only for runs "
                                 "planned >= 30 min, where its ~40 s compile pays back",
                       choices=("auto", "on", "off"))
-    kernels: str = _f("auto", "attention/low-rank kernels: Triton on CUDA (auto) or PyTorch",
-                      choices=("auto", "triton", "torch"))
+    kernels: str = _f("auto", "attention/low-rank kernels: Triton on CUDA (auto), PyTorch autograd "
+                              "(torch), or the kernels' PyTorch references (same saved tensors)",
+                      choices=("auto", "triton", "torch", "reference"))
     eval_every: float = _f(10.0, "evaluate on the 10k test images every N epochs (and at the end)")
     log_every: int = _f(50, "log loss/throughput every N steps (the only host syncs)")
     data: str = _f("", "cifar-10-python.tar.gz or cifar-10-batches-py/ (default: ./data, "
@@ -253,12 +254,19 @@ class Attention(nn.Module):
         B, N, C = x.shape
         proj = dict(zip(self.dense_names, self.qkv(x).chunk(len(self.dense_names), -1))) \
             if self.qkv is not None else {}
-        proj.update({n: m(x) for n, m in self.low_rank.items()})
-        q, k, v = (proj[n].view(B, N, self.heads, self.head_dim).transpose(1, 2) for n in "qkv")
-        if num_query:
-            q = q[:, :, :num_query]
-        out = kernels.attention(q, k, v, self.scale, diag_mask=self.lsa)
-        return self.proj(out.transpose(1, 2).reshape(B, q.shape[2], C))
+        # mla-q: the kernel builds the queries from the 64-wide latent, so q is never stored
+        fused_q = "q" in self.low_rank
+        proj.update({n: m(x) for n, m in self.low_rank.items() if not (fused_q and n == "q")})
+        k, v = (proj[n].view(B, N, self.heads, self.head_dim).transpose(1, 2) for n in "kv")
+        if fused_q:
+            lr = self.low_rank["q"]
+            out = kernels.lowrank_q_attention(x, lr.down.weight, lr.up.weight, lr.up.bias, k, v,
+                                              self.scale, diag_mask=self.lsa, num_query=num_query)
+        else:
+            q = proj["q"].view(B, N, self.heads, self.head_dim).transpose(1, 2)
+            out = kernels.attention(q[:, :, :num_query] if num_query else q, k, v, self.scale,
+                                    diag_mask=self.lsa)
+        return self.proj(out.transpose(1, 2).reshape(B, out.shape[2], C))
 
 
 class Mlp(nn.Module):
