@@ -60,7 +60,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                              "--help`, dashes or underscores)")
     parser.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA when present [auto]")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                        help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU, as the trainer [auto]")
+                        help="autocast dtype; auto, as the trainer: bf16 on CUDA and on CPUs with "
+                             "AMX/AVX512-BF16 units, fp32 elsewhere [auto]")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                         help="torch.compile the model; auto: on for CUDA, off on CPU [auto]")
     parser.add_argument("--kernels", default="auto", choices=("auto", "triton", "torch"),

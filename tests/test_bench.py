@@ -7,6 +7,7 @@ import torch
 
 import speedrun as S
 from bench import common, reference_model
+from bench import precision as Pr
 from bench import profile as P
 from bench import throughput as T
 
@@ -137,7 +138,8 @@ def test_saved_activation_bytes_counts_each_storage_once_without_parameters():
 def test_help_explains_every_flag(capsys):
     for main, flags in ((T.main, ["--batch-sizes", "--repeats", "--steps", "--warmup",
                                   "--compare-reference"]),
-                        (P.main, ["--batch-size", "--wait", "--warmup", "--active"])):
+                        (P.main, ["--batch-size", "--wait", "--warmup", "--active"]),
+                        (Pr.main, ["--max-steps", "--batch-size", "--seeds"])):
         with pytest.raises(SystemExit) as stop:
             main(["--help"])
         assert stop.value.code == 0
@@ -161,8 +163,37 @@ def test_help_explains_every_flag(capsys):
     (P.main, ["--active", "0"], "--active >= 1"),
     (P.main, ["--set", "depth=two"], "not a valid int"),
     (P.main, ["--device", "tpu"], "unknown --device"),
+    (Pr.main, ["--seeds", "3", "3"], "at least two different --seeds"),
+    (Pr.main, ["--precision", "bf16"], "runs both fp32 and bf16"),
+    (Pr.main, ["--set", "seed=1"], "use --seeds"),
 ])
 def test_bad_input_is_one_line_exit_2(main, argv, message, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_precision_runs_both_over_seeds_and_reports_the_difference(tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "precision"
+    argv = TINY + ["--max-steps", "2", "--batch-size", "8", "--seeds", "0", "1",
+                   "--data", tiny_cifar, "--out", str(out)]
+    assert Pr.main(argv) == 0
+    report = json.load(open(out / "results.json"))
+    assert [(r["precision"], r["seed"], r["steps"]) for r in report["runs"]] == [
+        ("fp32", 0, 2), ("bf16", 0, 2), ("fp32", 1, 2), ("bf16", 1, 2)]
+    for run in report["runs"]:
+        saved = json.load(open(out / f"{run['precision']}-seed{run['seed']}" / "config.json"))
+        assert (saved["precision"], saved["seed"], saved["width"]) == (run["precision"], run["seed"], 32)
+    assert set(report["stats"]) == {"loss", "test_acc"}
+    assert "bf16 − fp32" in capsys.readouterr().out and (out / "table.md").exists()
+
+
+def test_precision_verdict_compares_the_difference_with_the_seed_spread():
+    runs = [{"precision": p, "seed": s, "loss": loss, "test_acc": acc}
+            for p, s, loss, acc in [("fp32", 0, 2.0, 30.0), ("fp32", 1, 2.2, 32.0),
+                                    ("bf16", 0, 2.1, 40.0), ("bf16", 1, 2.1, 40.0)]]
+    stats = Pr.compare(runs)
+    loss, acc = stats["loss"], stats["test_acc"]
+    assert loss["mean"]["fp32"] == pytest.approx(2.1) and loss["diff"] == pytest.approx(0.0)
+    assert loss["se"] == pytest.approx((0.2 ** 2 / 2 / 2) ** 0.5) and loss["within_noise"]
+    assert acc["diff"] == pytest.approx(9.0) and not acc["within_noise"]  # 9 > 2 x 1.0
