@@ -234,3 +234,24 @@ def test_time_budget_schedule_ends_at_the_budget(real_archive, tmp_path):
 def test_precision_follows_the_hardware(flags, device, want):
     assert S.pick_precision("auto", torch.device(device), cpu_flags=flags) is want
     assert S.pick_precision("fp32", torch.device(device), cpu_flags=flags) is None
+
+
+def test_flip_tta_scores_a_mirrored_test_set_alike():
+    """With --tta-flip an image and its mirror get the same averaged logits, so mirroring the
+    whole test set changes nothing; without it the (asymmetric, random) model's scores move."""
+    g = torch.Generator().manual_seed(0)
+    data = {"train_x": torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g),
+            "train_y": torch.randint(0, 10, (64,), generator=g),
+            "test_x": torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g),
+            "test_y": torch.randint(0, 10, (40,), generator=g)}
+    mirrored = dict(data, test_x=data["test_x"].flip(-1))
+    results = {}
+    for tta in (False, True):
+        cfg = S.resolve_config("baseline", width=32, depth=1, heads=2, batch_size=16,
+                               precision="fp32", tta_flip=tta)
+        trainer = S.Trainer(cfg, data, torch.device("cpu"))
+        plain = trainer.evaluate(batch_size=16)
+        trainer.data = mirrored
+        results[tta] = (plain, trainer.evaluate(batch_size=16))
+    assert results[True][0] == results[True][1]
+    assert results[False][0]["test_loss"] != results[False][1]["test_loss"]
