@@ -2,7 +2,8 @@
 
 For each seed, trains the configuration (preset + --set) for --max-steps steps once with
 --precision fp32 and once with --precision bf16, with speedrun.py's own `train` (the exact
-trainer), each into <out>/<precision>-seed<N>/. Reported per run: the training loss at the end
+trainer), each into <out>/<precision>-seed<N>/, without a time budget (a preset's own is dropped)
+so that both follow the same step-based schedule whatever their speed. Reported per run: the training loss at the end
 (mean over the last --log-every steps, as the trainer logs it), the test accuracy and the
 images/s; then per precision the mean and standard deviation over seeds, and the difference
 bf16 - fp32 of the means with its standard error (sqrt(var_bf16/n + var_fp32/n)). "within
@@ -45,9 +46,11 @@ def build_parser() -> common.Parser:
 
 
 def run_one(args, precision: str, seed: int, out: str) -> dict:
-    cfg = common.config_from_args(
-        args, reserved={k: f"--{k.replace('_', '-')}" for k in ("max_steps", "batch_size", "seed")},
-        max_steps=args.max_steps, batch_size=args.batch_size, seed=seed, data=args.data, out=out)
+    # no time budget: both precisions follow the same step-based schedule whatever their speed
+    reserved = {k: f"--{k.replace('_', '-')}" for k in ("max_steps", "batch_size", "seed")}
+    reserved["time_budget"] = "--max-steps (the runs are step-based)"
+    cfg = common.config_from_args(args, reserved, max_steps=args.max_steps, time_budget=0.0,
+                                  batch_size=args.batch_size, seed=seed, data=args.data, out=out)
     cfg = dataclasses.replace(cfg, precision=precision)
     summary = speedrun.train(cfg, overwrite=True)
     with open(os.path.join(out, "metrics.jsonl")) as f:

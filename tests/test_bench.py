@@ -175,15 +175,16 @@ def test_bad_input_is_one_line_exit_2(main, argv, message, capsys, tmp_path):
 
 def test_precision_runs_both_over_seeds_and_reports_the_difference(tiny_cifar, tmp_path, capsys):
     out = tmp_path / "precision"
-    argv = TINY + ["--max-steps", "2", "--batch-size", "8", "--seeds", "0", "1",
-                   "--data", tiny_cifar, "--out", str(out)]
+    argv = TINY + ["--variant", "cpu-speedrun", "--max-steps", "2", "--batch-size", "8",
+                   "--seeds", "0", "1", "--data", tiny_cifar, "--out", str(out)]
     assert Pr.main(argv) == 0
     report = json.load(open(out / "results.json"))
     assert [(r["precision"], r["seed"], r["steps"]) for r in report["runs"]] == [
         ("fp32", 0, 2), ("bf16", 0, 2), ("fp32", 1, 2), ("bf16", 1, 2)]
     for run in report["runs"]:
         saved = json.load(open(out / f"{run['precision']}-seed{run['seed']}" / "config.json"))
-        assert (saved["precision"], saved["seed"], saved["width"]) == (run["precision"], run["seed"], 32)
+        assert (saved["precision"], saved["seed"], saved["width"], saved["time_budget"]) == (
+            run["precision"], run["seed"], 32, 0.0)
     assert set(report["stats"]) == {"loss", "test_acc"}
     assert "bf16 − fp32" in capsys.readouterr().out and (out / "table.md").exists()
 

@@ -171,6 +171,7 @@ def test_help_explains_every_flag(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--lr", "-1"], "must not be negative"),
+    (["--crop-pad", "20"], "--crop-pad must be in [0, 16]"),
     (["--variant", "mcsl"], "did you mean mcls"),
     (["--data", "/nonexistent/cifar.tar.gz"], "/nonexistent/cifar.tar.gz"),
     (["--eval-only"], "--eval-only needs --resume"),
@@ -255,3 +256,20 @@ def test_flip_tta_scores_a_mirrored_test_set_alike():
         results[tta] = (plain, trainer.evaluate(batch_size=16))
     assert results[True][0] == results[True][1]
     assert results[False][0]["test_loss"] != results[False][1]["test_loss"]
+
+
+@pytest.mark.parametrize("crop_pad", [0, 4])
+def test_crop_pad_reaches_the_batches(crop_pad):
+    """--crop-pad 0: every training image is the original or its mirror; 4: some are shifted."""
+    g = torch.Generator().manual_seed(0)
+    data = {"train_x": torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g),
+            "train_y": torch.randint(0, 10, (64,), generator=g),
+            "test_x": torch.zeros(8, 3, 32, 32, dtype=torch.uint8),
+            "test_y": torch.zeros(8, dtype=torch.int64)}
+    cfg = S.resolve_config("cpu-speedrun", width=32, depth=1, heads=2, batch_size=32,
+                           crop_pad=crop_pad, whiten=False)
+    trainer = S.Trainer(cfg, data, torch.device("cpu"))
+    x, _ = trainer.batch(0)
+    originals = S.data_gpu.normalize(data["train_x"][trainer.sampler.indices(0)])
+    unshifted = [torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(x, originals)]
+    assert all(unshifted) if crop_pad == 0 else not all(unshifted)
