@@ -47,8 +47,8 @@ def build_parser() -> common.Parser:
 
 def run_one(args, precision: str, seed: int, out: str) -> dict:
     # no time budget: both precisions follow the same step-based schedule whatever their speed
-    reserved = {k: f"--{k.replace('_', '-')}" for k in ("max_steps", "batch_size", "seed")}
-    reserved["time_budget"] = "--max-steps (the runs are step-based)"
+    reserved = {"max_steps": "--max-steps", "batch_size": "--batch-size", "seed": "--seeds",
+                "time_budget": "--max-steps (the runs are step-based)"}
     cfg = common.config_from_args(args, reserved, max_steps=args.max_steps, time_budget=0.0,
                                   batch_size=args.batch_size, seed=seed, data=args.data, out=out)
     cfg = dataclasses.replace(cfg, precision=precision)
