@@ -143,7 +143,7 @@ VARIANTS = {
     "cait": Variant("last 2 blocks are class-attention blocks (CaiT)", {"cait_blocks": 2}),
     "gap": Variant("head reads the mean of patch tokens, no CLS (BinaryViT)",
                    {"pool": "gap", "num_cls": 0}),
-    # 10 minutes on 2 CPU cores is ~8 passes over the data and the model is still underfit at
+    # 10 minutes on 2 CPU cores is ~7 passes over the data and the model is still underfit at
     # the end, so every choice buys images/s or faster fitting (measured: README, CPU speedrun):
     # width 96 (fits more passes than 128), whitened patch filters (decorrelated inputs from
     # step 0), flips only (crops cost 4 points here; AutoAugment, mixing, erasing, label
