@@ -921,14 +921,10 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
             else:
                 loss_sum += loss
                 loss_count += 1
-            if budget_end is not None and step - sched_start_step in (5, 25):
-                # the final eval's reserve: a first guess after 5 steps, measured again past the
-                # warm-up's slow steps, then kept up to date at every log step
-                if step - sched_start_step == 5:
-                    t5, per_image = clock(), (clock() - sched_start_time) / (5 * cfg.batch_size)
-                else:
-                    per_image = (clock() - t5) / (20 * cfg.batch_size)
-                eval_reserve = eval_seconds(per_image)
+            if budget_end is not None and step - sched_start_step == 5:
+                # the final eval's reserve: a first guess after 5 steps, then the pace of the
+                # latest log window at every log step (below)
+                eval_reserve = eval_seconds((clock() - sched_start_time) / (5 * cfg.batch_size))
             done = p >= 1.0 or step >= total
             # a lone process acts on a signal at once; under torchrun at the next log step, as
             # all ranks must stop at the same step and a signal may reach them a step apart
@@ -941,7 +937,7 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
                     raise fault(f"non-finite loss {mean_loss} near step {step}")
                 now = clock()
                 ips = (step - last_log_step) * cfg.batch_size / max(now - last_log, 1e-9)
-                if budget_end is not None and step - sched_start_step > 25:  # the machine's pace
+                if budget_end is not None and step - sched_start_step > 5:  # the machine's pace
                     eval_reserve = eval_seconds(1.0 / max(ips, 1e-9))  # may change (other jobs)
                 eta = (now - sched_start_time) * (1 - p) / max(p, 1e-9)
                 epoch = step / spe
