@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -59,6 +60,8 @@ class Config:
     latent_dim: int = _f(64, "latent width of the low-rank (MLA) projections")
     lsa: bool = _f(False, "Locality Self-Attention: mask self-attention, learnable temperature")
     cait_blocks: int = _f(0, "the last N blocks become class-attention blocks (CaiT)")
+    token_keep: float = _f(1.0, "share of patch tokens each training image keeps, drawn at random "
+                           "(PatchDropout: cheaper steps); evaluation sees them all")
     pool: str = _f("cls", "what the head reads: CLS tokens, or the mean of patch tokens",
                    choices=("cls", "gap"))
     # data and augmentation (data_gpu.py)
@@ -204,6 +207,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         (0 <= cfg.drop_path < 1 and 0 <= cfg.erase_prob <= 1 and 0 <= cfg.mix_prob <= 1,
          "probabilities must be in [0, 1)"),
         (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+        (0 < cfg.token_keep <= 1, f"--token-keep must be in (0, 1] (got {cfg.token_keep})"),
         (0 <= cfg.crop_pad <= 16, f"--crop-pad must be in [0, 16] pixels (got {cfg.crop_pad})"),
         (cfg.log_every > 0 and cfg.eval_every > 0 and cfg.passes_per_epoch > 0,
          "--log-every, --eval-every and --passes-per-epoch must be positive"),
@@ -372,11 +376,16 @@ class ViT(nn.Module):
         x = self.patch_embed(x)
         if x.dim() == 4:  # conv output (B, C, h, w) -> tokens (B, h*w, C)
             x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        n = self.cfg.num_cls
+        x = x + self.pos_embed[:, n:]
+        if self.training and self.cfg.token_keep < 1:  # positions are already in the tokens
+            B, P, C = x.shape
+            keep = torch.rand(B, P, device=x.device).argsort(1)[:, :max(1, round(P * self.cfg.token_keep))]
+            x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :n]).expand(x.shape[0], -1, -1), x], 1)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        n = self.cfg.num_cls
         feats = x[:, :n].flatten(1) if self.cfg.pool == "cls" else x[:, n:].mean(1)
         return self.head(feats)
 
@@ -643,11 +652,12 @@ class Trainer:
         return f"{said}; a batch of {fits}{per} fits: try --batch-size {fits * world}"
 
     @torch.no_grad()
-    def evaluate(self, batch_size: int = 1000):
-        """Test accuracy and loss; under torchrun each rank takes a slice, counts are summed."""
+    def evaluate(self, batch_size: int = 1000, limit: Optional[int] = None):
+        """Test accuracy and loss; under torchrun each rank takes a slice, counts are summed.
+        limit: only the first `limit` images of each rank's slice (to time an evaluation)."""
         self.net.eval()
-        xs = self.data["test_x"][self.dist.rank::self.dist.world_size]
-        ys = self.data["test_y"][self.dist.rank::self.dist.world_size]
+        xs = self.data["test_x"][self.dist.rank::self.dist.world_size][:limit]
+        ys = self.data["test_y"][self.dist.rank::self.dist.world_size][:limit]
         totals = torch.zeros(3, device=self.device, dtype=torch.float64)  # correct, loss, count
         for i in range(0, xs.shape[0], batch_size):
             x, y = data_gpu.normalize(xs[i:i + batch_size]), ys[i:i + batch_size]
@@ -866,18 +876,19 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
 
     # time budget: the whole run (start-up and final eval included) ends when the budget does
     budget_end = start_time + cfg.time_budget if cfg.time_budget else None
-    eval_reserve = 0.0
+    eval_reserve, eval_s, eval_ips = 0.0, 0.0, None
     progress_bar = Progress(dist.main)
     loss_sum, loss_count = torch.zeros((), device=device), 0
     train_start, last_log, last_log_step = clock(), clock(), step
     sched_start_step, sched_start_time = step, clock()
     result, stopped_by, shared_time = {}, None, 0.0
 
-    def eval_seconds(train_s_per_image):
-        """Time to keep for the final evaluation: forward-only, about a third of a training step
-        per image but less cache-friendly at batch 1000, so half; twice that with --tta-flip."""
-        views = 2 if cfg.tta_flip else 1
-        return 2.0 + 0.5 * train_s_per_image * data["test_x"].shape[0] * views
+    def time_eval():
+        """Seconds the final evaluation will take, from timing its first batch (of every rank)."""
+        n = min(1000, data["test_x"].shape[0] // dist.world_size)
+        t = clock()
+        trainer.evaluate(batch_size=n, limit=n)
+        return (clock() - t) * data["test_x"].shape[0] / (n * dist.world_size)
 
     def time_share():
         """Share of the time budget spent (0 without a budget)."""
@@ -922,9 +933,11 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
                 loss_sum += loss
                 loss_count += 1
             if budget_end is not None and step - sched_start_step == 5:
-                # the final eval's reserve: a first guess after 5 steps, then the pace of the
-                # latest log window at every log step (below)
-                eval_reserve = eval_seconds((clock() - sched_start_time) / (5 * cfg.batch_size))
+                # the final eval's reserve: one eval batch timed after 5 steps, then rescaled by
+                # the training pace of each log window (below), as the machine's speed drifts
+                eval_s = time_eval()
+                eval_reserve = 2.0 + eval_s
+                last_log, last_log_step = clock(), step  # the timing is no training: pace after it
             done = p >= 1.0 or step >= total
             # a lone process acts on a signal at once; under torchrun at the next log step, as
             # all ranks must stop at the same step and a signal may reach them a step apart
@@ -937,8 +950,9 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
                     raise fault(f"non-finite loss {mean_loss} near step {step}")
                 now = clock()
                 ips = (step - last_log_step) * cfg.batch_size / max(now - last_log, 1e-9)
-                if budget_end is not None and step - sched_start_step > 5:  # the machine's pace
-                    eval_reserve = eval_seconds(1.0 / max(ips, 1e-9))  # may change (other jobs)
+                if budget_end is not None and step - sched_start_step > 5:
+                    eval_ips = eval_ips or ips  # the pace when the eval batch was timed
+                    eval_reserve = 2.0 + eval_s * eval_ips / max(ips, 1e-9)
                 eta = (now - sched_start_time) * (1 - p) / max(p, 1e-9)
                 epoch = step / spe
                 progress_bar.show(f"step {step:,}/{total:,} | ep {epoch:.2f} | loss {mean_loss:.4f}"

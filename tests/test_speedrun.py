@@ -172,6 +172,7 @@ def test_help_explains_every_flag(capsys):
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--lr", "-1"], "must not be negative"),
     (["--crop-pad", "20"], "--crop-pad must be in [0, 16]"),
+    (["--token-keep", "0"], "--token-keep must be in (0, 1]"),
     (["--variant", "mcsl"], "did you mean mcls"),
     (["--data", "/nonexistent/cifar.tar.gz"], "/nonexistent/cifar.tar.gz"),
     (["--eval-only"], "--eval-only needs --resume"),
@@ -226,6 +227,30 @@ def test_time_budget_schedule_ends_at_the_budget(real_archive, tmp_path):
     assert 15.0 < summary["total_s"] <= 30.0
 
 
+def test_time_budget_keeps_what_the_final_evaluation_takes(real_archive, tmp_path, monkeypatch):
+    """The final evaluation's reserve comes from timing one eval batch. On a fake clock a training
+    step takes 10 ms and the evaluation 2 ms per image, 20 s for the test set (far more than a
+    training step predicts): the run ends inside the budget, and close to it."""
+    now = [0.0]
+    step, evaluate = S.Trainer.step, S.Trainer.evaluate
+
+    def slow_step(self, *args, **kwargs):
+        now[0] += 0.05
+        return step(self, *args, **kwargs)
+
+    def slow_evaluate(self, batch_size=1000, limit=None):
+        now[0] += 0.002 * min(limit or 10 ** 9, self.data["test_x"].shape[0])
+        return evaluate(self, batch_size, limit)
+
+    monkeypatch.setattr(S.Trainer, "step", slow_step)
+    monkeypatch.setattr(S.Trainer, "evaluate", slow_evaluate)
+    cfg = S.resolve_config("baseline", width=32, depth=1, heads=2, patch_size=8, batch_size=64,
+                           time_budget=60.0, log_every=5, autoaugment=False, mix_prob=0.0,
+                           data=real_archive, out=str(tmp_path / "run"), precision="fp32")
+    summary = S.train(cfg, clock=lambda: now[0])
+    assert 60.0 - 3.0 < summary["total_s"] <= 60.0
+
+
 @pytest.mark.parametrize("flags, device, want", [
     ({"amx_bf16", "amx_tile"}, "cpu", torch.bfloat16),
     ({"avx512_bf16"}, "cpu", torch.bfloat16),
@@ -273,3 +298,27 @@ def test_crop_pad_reaches_the_batches(crop_pad):
     originals = S.data_gpu.normalize(data["train_x"][trainer.sampler.indices(0)])
     unshifted = [torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(x, originals)]
     assert all(unshifted) if crop_pad == 0 else not all(unshifted)
+
+
+def test_token_keep_drops_patch_tokens_in_training_only():
+    """--token-keep 0.5: the blocks see the CLS tokens and 32 of the 64 patch tokens while
+    training, different ones per image; evaluation sees every token, as with --token-keep 1."""
+    torch.manual_seed(0)
+    full = S.build_model(S.resolve_config("cpu-speedrun", num_cls=2, width=32, heads=2, depth=1))
+    half = S.build_model(S.resolve_config("cpu-speedrun", num_cls=2, width=32, heads=2, depth=1,
+                                          token_keep=0.5))
+    half.load_state_dict(full.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    seen = []
+    half.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    half.train()(x)
+    tokens = seen[0]
+    assert tokens.shape == (4, 2 + 32, 32)
+    embedded = full.patch_embed(x).flatten(2).transpose(1, 2) + full.pos_embed[:, 2:]
+    dist = torch.cdist(tokens[:, 2:], embedded, compute_mode="donot_use_mm_for_euclid_dist")
+    # each kept token is one of this image's own embedded patches
+    assert torch.allclose(dist.min(-1).values, torch.zeros(4, 32), atol=1e-5)
+    kept = [set(d.argmin(-1).tolist()) for d in dist]
+    assert all(len(k) == 32 for k in kept) and len({frozenset(k) for k in kept}) > 1
+    full.eval(), half.eval()
+    assert torch.equal(half(x), full(x))
