@@ -62,6 +62,8 @@ class Config:
     cait_blocks: int = _f(0, "the last N blocks become class-attention blocks (CaiT)")
     token_keep: float = _f(1.0, "share of patch tokens each training image keeps, drawn at random "
                            "(PatchDropout: cheaper steps); evaluation sees them all")
+    full_token_tail: float = _f(0.0, "the last share of the run trains on every patch token "
+                                "(--token-keep before it), so the model ends on what evaluation sees")
     pool: str = _f("cls", "what the head reads: CLS tokens, or the mean of patch tokens",
                    choices=("cls", "gap"))
     # data and augmentation (data_gpu.py)
@@ -208,6 +210,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
          "probabilities must be in [0, 1)"),
         (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (0 < cfg.token_keep <= 1, f"--token-keep must be in (0, 1] (got {cfg.token_keep})"),
+        (0 <= cfg.full_token_tail <= 1, f"--full-token-tail must be in [0, 1] (got {cfg.full_token_tail})"),
         (0 <= cfg.crop_pad <= 16, f"--crop-pad must be in [0, 16] pixels (got {cfg.crop_pad})"),
         (cfg.log_every > 0 and cfg.eval_every > 0 and cfg.passes_per_epoch > 0,
          "--log-every, --eval-every and --passes-per-epoch must be positive"),
@@ -349,6 +352,7 @@ class ViT(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
+        self.token_keep = cfg.token_keep  # the training loop may change it (keep_at)
         grid = 32 // cfg.patch_size
         if cfg.patch_embed == "spt":
             self.patch_embed = ShiftedPatchTokenization(cfg.width, cfg.patch_size)
@@ -378,9 +382,9 @@ class ViT(nn.Module):
             x = x.flatten(2).transpose(1, 2)
         n = self.cfg.num_cls
         x = x + self.pos_embed[:, n:]
-        if self.training and self.cfg.token_keep < 1:  # positions are already in the tokens
+        if self.training and self.token_keep < 1:  # positions are already in the tokens
             B, P, C = x.shape
-            keep = torch.rand(B, P, device=x.device).argsort(1)[:, :max(1, round(P * self.cfg.token_keep))]
+            keep = torch.rand(B, P, device=x.device).argsort(1)[:, :max(1, round(P * self.token_keep))]
             x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))
         x = torch.cat([(self.cls_token + self.pos_embed[:, :n]).expand(x.shape[0], -1, -1), x], 1)
         for block in self.blocks:
@@ -442,6 +446,12 @@ def lr_at(progress: float, cfg: Config) -> float:
         return cfg.lr * progress / warm
     t = min(1.0, (progress - warm) / max(1e-12, 1 - warm))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def keep_at(progress: float, cfg: Config) -> float:
+    """Share of patch tokens a training image keeps: --token-keep, then all of them over the
+    last --full-token-tail of the run."""
+    return 1.0 if progress >= 1 - cfg.full_token_tail else cfg.token_keep
 
 
 def soft_cross_entropy(logits, targets, smoothing: float):
@@ -583,10 +593,11 @@ class Trainer:
         return data_gpu.mix(x, self.data["train_y"][idx], NUM_CLASSES, self.host_rng,
                             mix_prob=cfg.mix_prob, cutmix=cfg.cutmix, mixup=cfg.mixup)
 
-    def step(self, s: int, lr: float, skip_nonfinite: bool = False):
+    def step(self, s: int, lr: float, skip_nonfinite: bool = False, token_keep: float = None):
         """One optimisation step; returns the loss as a device tensor, or None if skipped."""
         rf = torch.profiler.record_function
         self.net.train()
+        self.model.token_keep = self.cfg.token_keep if token_keep is None else token_keep
         with rf("data"):
             x, targets = self.batch(s)
         with rf("forward"), self.autocast():
@@ -880,7 +891,8 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     progress_bar = Progress(dist.main)
     loss_sum, loss_count = torch.zeros((), device=device), 0
     train_start, last_log, last_log_step = clock(), clock(), step
-    sched_start_step, sched_start_time = step, clock()
+    sched_start_time = clock()
+    timing_step = step + 5  # when to time an eval batch (again after the step's cost changes)
     result, stopped_by, shared_time = {}, None, 0.0
 
     def time_eval():
@@ -919,8 +931,11 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     with StopRequest() as stop:
         while step < total:
             p = progress_at(step)
+            if keep_at(p, cfg) != trainer.model.token_keep and budget_end is not None:
+                timing_step = step + 5  # the steps' cost changes: the eval reserve's pace too
             try:
-                loss = trainer.step(step, lr_at(p, cfg), skip_nonfinite=cfg.nan_policy == "skip")
+                loss = trainer.step(step, lr_at(p, cfg), skip_nonfinite=cfg.nan_policy == "skip",
+                                    token_keep=keep_at(p, cfg))
                 out_of_memory = False
             except torch.cuda.OutOfMemoryError:  # probed once this handler lets go of the step
                 out_of_memory = True
@@ -932,10 +947,10 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
             else:
                 loss_sum += loss
                 loss_count += 1
-            if budget_end is not None and step - sched_start_step == 5:
+            if budget_end is not None and step == timing_step:
                 # the final eval's reserve: one eval batch timed after 5 steps, then rescaled by
                 # the training pace of each log window (below), as the machine's speed drifts
-                eval_s = time_eval()
+                eval_s, eval_ips = time_eval(), None
                 eval_reserve = 2.0 + eval_s
                 last_log, last_log_step = clock(), step  # the timing is no training: pace after it
             done = p >= 1.0 or step >= total
@@ -950,7 +965,7 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
                     raise fault(f"non-finite loss {mean_loss} near step {step}")
                 now = clock()
                 ips = (step - last_log_step) * cfg.batch_size / max(now - last_log, 1e-9)
-                if budget_end is not None and step - sched_start_step > 5:
+                if budget_end is not None and step > timing_step:
                     eval_ips = eval_ips or ips  # the pace when the eval batch was timed
                     eval_reserve = 2.0 + eval_s * eval_ips / max(ips, 1e-9)
                 eta = (now - sched_start_time) * (1 - p) / max(p, 1e-9)

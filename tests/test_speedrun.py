@@ -173,6 +173,7 @@ def test_help_explains_every_flag(capsys):
     (["--lr", "-1"], "must not be negative"),
     (["--crop-pad", "20"], "--crop-pad must be in [0, 16]"),
     (["--token-keep", "0"], "--token-keep must be in (0, 1]"),
+    (["--full-token-tail", "1.5"], "--full-token-tail must be in [0, 1]"),
     (["--variant", "mcsl"], "did you mean mcls"),
     (["--data", "/nonexistent/cifar.tar.gz"], "/nonexistent/cifar.tar.gz"),
     (["--eval-only"], "--eval-only needs --resume"),
@@ -322,3 +323,60 @@ def test_token_keep_drops_patch_tokens_in_training_only():
     assert all(len(k) == 32 for k in kept) and len({frozenset(k) for k in kept}) > 1
     full.eval(), half.eval()
     assert torch.equal(half(x), full(x))
+
+
+def test_bf16_and_fp32_give_the_same_first_loss(one_thread):
+    """The CPU fast path (bf16 autocast) computes the same step-0 loss as fp32, within bf16's
+    precision, from the same weights and batch."""
+    g = torch.Generator().manual_seed(0)
+    data = {"train_x": torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g),
+            "train_y": torch.randint(0, 10, (64,), generator=g),
+            "test_x": torch.zeros(8, 3, 32, 32, dtype=torch.uint8),
+            "test_y": torch.zeros(8, dtype=torch.int64)}
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = S.resolve_config("cpu-speedrun", width=64, depth=2, batch_size=32,
+                               precision=precision)
+        trainer = S.Trainer(cfg, data, torch.device("cpu"))
+        assert (trainer.amp_dtype is None) == (precision == "fp32")
+        losses[precision] = trainer.step(0, lr=0.0).item()
+    assert losses["fp32"] == pytest.approx(2.3026, abs=0.3)  # about ln 10 from a fresh init
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-2)
+    assert losses["bf16"] != losses["fp32"]  # bf16 did run: its rounding shows
+
+
+def test_keep_schedule_ends_on_every_token():
+    cfg = S.resolve_config("cpu-speedrun", token_keep=0.25, full_token_tail=0.2)
+    assert [S.keep_at(p, cfg) for p in (0.0, 0.5, 0.79, 0.8, 1.0)] == [0.25, 0.25, 0.25, 1.0, 1.0]
+    assert S.keep_at(0.99, S.resolve_config("cpu-speedrun", token_keep=0.25)) == 0.25
+
+
+def test_full_token_tail_runs_last_and_the_run_still_ends_at_its_budget(real_archive, tmp_path,
+                                                                        monkeypatch):
+    """On a fake clock a step costs 10 ms per quarter of the tokens kept (40 ms with all of
+    them) and the evaluation 1 ms per image: the last quarter of the time trains on every token,
+    the eval reserve is re-timed when the steps get dearer, and the run ends close to its budget."""
+    now, keeps = [0.0], []
+    step, evaluate = S.Trainer.step, S.Trainer.evaluate
+
+    def timed_step(self, *args, token_keep=None, **kwargs):
+        keeps.append(token_keep)
+        now[0] += 0.04 * token_keep
+        return step(self, *args, token_keep=token_keep, **kwargs)
+
+    def timed_evaluate(self, batch_size=1000, limit=None):
+        now[0] += 0.001 * min(limit or 10 ** 9, self.data["test_x"].shape[0])
+        return evaluate(self, batch_size, limit)
+
+    monkeypatch.setattr(S.Trainer, "step", timed_step)
+    monkeypatch.setattr(S.Trainer, "evaluate", timed_evaluate)
+    cfg = S.resolve_config("cpu-speedrun", width=32, depth=1, heads=2, patch_size=8, batch_size=32,
+                           time_budget=40.0, log_every=5, token_keep=0.25, full_token_tail=0.25,
+                           tta_flip=False, whiten=False, data=real_archive,
+                           out=str(tmp_path / "run"), precision="fp32")
+    summary = S.train(cfg, clock=lambda: now[0])
+    assert 40.0 - 3.0 < summary["total_s"] <= 40.0
+    switch = keeps.index(1.0)
+    assert set(keeps[:switch]) == {0.25} and set(keeps[switch:]) == {1.0}
+    # a quarter of the training time at 4x the cost per step: about 1/13 of the steps
+    assert 0.04 < (len(keeps) - switch) / len(keeps) < 0.12
