@@ -228,23 +228,29 @@ def test_time_budget_schedule_ends_at_the_budget(real_archive, tmp_path):
     assert 15.0 < summary["total_s"] <= 30.0
 
 
-def test_time_budget_keeps_what_the_final_evaluation_takes(real_archive, tmp_path, monkeypatch):
-    """The final evaluation's reserve comes from timing one eval batch. On a fake clock a training
-    step takes 10 ms and the evaluation 2 ms per image, 20 s for the test set (far more than a
-    training step predicts): the run ends inside the budget, and close to it."""
+def fake_clock(monkeypatch, step_s, eval_s_per_image):
+    """A clock that only training steps (step_s(token_keep) seconds each) and evaluations
+    (eval_s_per_image per image) move; returns it as a one-item list [now]."""
     now = [0.0]
     step, evaluate = S.Trainer.step, S.Trainer.evaluate
 
-    def slow_step(self, *args, **kwargs):
-        now[0] += 0.05
-        return step(self, *args, **kwargs)
+    def timed_step(self, *args, token_keep=None, **kwargs):
+        now[0] += step_s(token_keep)
+        return step(self, *args, token_keep=token_keep, **kwargs)
 
-    def slow_evaluate(self, batch_size=1000, limit=None):
-        now[0] += 0.002 * min(limit or 10 ** 9, self.data["test_x"].shape[0])
+    def timed_evaluate(self, batch_size=1000, limit=None):
+        now[0] += eval_s_per_image * min(limit or 10 ** 9, self.data["test_x"].shape[0])
         return evaluate(self, batch_size, limit)
 
-    monkeypatch.setattr(S.Trainer, "step", slow_step)
-    monkeypatch.setattr(S.Trainer, "evaluate", slow_evaluate)
+    monkeypatch.setattr(S.Trainer, "step", timed_step)
+    monkeypatch.setattr(S.Trainer, "evaluate", timed_evaluate)
+    return now
+
+def test_time_budget_keeps_what_the_final_evaluation_takes(real_archive, tmp_path, monkeypatch):
+    """The final evaluation's reserve comes from timing one eval batch. On a fake clock a training
+    step takes 50 ms and the evaluation 2 ms per image, 20 s for the test set (far more than a
+    training step predicts): the run ends inside the budget, and close to it."""
+    now = fake_clock(monkeypatch, step_s=lambda keep: 0.05, eval_s_per_image=0.002)
     cfg = S.resolve_config("baseline", width=32, depth=1, heads=2, patch_size=8, batch_size=64,
                            time_budget=60.0, log_every=5, autoaugment=False, mix_prob=0.0,
                            data=real_archive, out=str(tmp_path / "run"), precision="fp32")
@@ -356,20 +362,9 @@ def test_full_token_tail_runs_last_and_the_run_still_ends_at_its_budget(real_arc
     """On a fake clock a step costs 10 ms per quarter of the tokens kept (40 ms with all of
     them) and the evaluation 1 ms per image: the last quarter of the time trains on every token,
     the eval reserve is re-timed when the steps get dearer, and the run ends close to its budget."""
-    now, keeps = [0.0], []
-    step, evaluate = S.Trainer.step, S.Trainer.evaluate
-
-    def timed_step(self, *args, token_keep=None, **kwargs):
-        keeps.append(token_keep)
-        now[0] += 0.04 * token_keep
-        return step(self, *args, token_keep=token_keep, **kwargs)
-
-    def timed_evaluate(self, batch_size=1000, limit=None):
-        now[0] += 0.001 * min(limit or 10 ** 9, self.data["test_x"].shape[0])
-        return evaluate(self, batch_size, limit)
-
-    monkeypatch.setattr(S.Trainer, "step", timed_step)
-    monkeypatch.setattr(S.Trainer, "evaluate", timed_evaluate)
+    keeps = []
+    now = fake_clock(monkeypatch, step_s=lambda keep: keeps.append(keep) or 0.04 * keep,
+                     eval_s_per_image=0.001)
     cfg = S.resolve_config("cpu-speedrun", width=32, depth=1, heads=2, patch_size=8, batch_size=32,
                            time_budget=40.0, log_every=5, token_keep=0.25, full_token_tail=0.25,
                            tta_flip=False, whiten=False, data=real_archive,
