@@ -16,13 +16,15 @@ Results are cached by kernel source, configuration and target in ~/.cache/vitk-a
 """
 import argparse
 import hashlib
+import importlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from itertools import product
 from pathlib import Path
 
@@ -57,11 +59,19 @@ class Build:
     num_stages: int = 1
     maxnreg: int = None       # ptxas register cap, where a config sets one
 
+    def __reduce__(self):  # to a worker process: the kernel by name (a JITFunction won't pickle)
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fn"}
+        return _unpickle_build, (self.fn.fn.__module__, state)
+
     def key(self, cap: int) -> str:
         import triton
         blob = json.dumps([self.fn.cache_key, self.signature, self.constexprs, self.aligned, self.num_warps,
                            self.num_stages, self.maxnreg, cap, triton.__version__])
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _unpickle_build(module: str, state: dict) -> Build:
+    return Build(fn=getattr(importlib.import_module(module), state["kernel"]), **state)
 
 
 def _signature(fn, pointers: dict, floats=(), constexprs=None) -> tuple:
@@ -158,6 +168,11 @@ def cuobjdump() -> str:
     return str(path)
 
 
+def _cached(build: Build, cap: int):
+    path = CACHE / f"{build.key(cap)}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def compile_one(build: Build, cap: int) -> dict:
     """Compile for sm_<cap> and return its resource usage (cached)."""
     cached = CACHE / f"{build.key(cap)}.json"
@@ -203,14 +218,21 @@ def _job(args):
 
 
 def run(builds, targets=TARGETS, jobs=1):
-    """[(build, cap, resources)] for every build × target."""
+    """[(build, cap, resources)] for every build × target. Compiles run in fresh processes: a
+    process that has interpreted Triton kernels (TRITON_INTERPRET=1, as the tests do) keeps
+    triton.language patched, and its own compiles then fail."""
     work = [(b, cap) for b in builds for cap in targets]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(_job, work))
-    else:
-        results = [_job(w) for w in work]
-    return [(b, cap, r) for (b, cap), r in zip(work, results)]
+    results = {w: _cached(*w) for w in work}
+    todo = [w for w in work if results[w] is None]
+    if todo:
+        interpret = os.environ.pop("TRITON_INTERPRET", None)  # the workers inherit the env
+        try:
+            with ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+                results.update(zip(todo, pool.map(_job, todo)))
+        finally:
+            if interpret is not None:
+                os.environ["TRITON_INTERPRET"] = interpret
+    return [(b, cap, results[(b, cap)]) for b, cap in work]
 
 
 def table(rows) -> str:
