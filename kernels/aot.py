@@ -175,9 +175,10 @@ def _cached(build: Build, cap: int):
 
 def compile_one(build: Build, cap: int) -> dict:
     """Compile for sm_<cap> and return its resource usage (cached)."""
+    hit = _cached(build, cap)
+    if hit is not None:
+        return hit
     cached = CACHE / f"{build.key(cap)}.json"
-    if cached.exists():
-        return json.loads(cached.read_text())
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
