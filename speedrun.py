@@ -936,11 +936,12 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     with StopRequest() as stop:
         while step < total:
             p = progress_at(step)
-            if keep_at(p, cfg) != trainer.model.token_keep and budget_end is not None:
+            keep = keep_at(p, cfg)
+            if keep != trainer.model.token_keep and budget_end is not None:
                 timing_step = step + 5  # the steps' cost changes: the eval reserve's pace too
             try:
                 loss = trainer.step(step, lr_at(p, cfg), skip_nonfinite=cfg.nan_policy == "skip",
-                                    token_keep=keep_at(p, cfg))
+                                    token_keep=keep)
                 out_of_memory = False
             except torch.cuda.OutOfMemoryError:  # probed once this handler lets go of the step
                 out_of_memory = True

@@ -246,6 +246,7 @@ def fake_clock(monkeypatch, step_s, eval_s_per_image):
     monkeypatch.setattr(S.Trainer, "evaluate", timed_evaluate)
     return now
 
+
 def test_time_budget_keeps_what_the_final_evaluation_takes(real_archive, tmp_path, monkeypatch):
     """The final evaluation's reserve comes from timing one eval batch. On a fake clock a training
     step takes 50 ms and the evaluation 2 ms per image, 20 s for the test set (far more than a
