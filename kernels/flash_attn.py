@@ -14,8 +14,9 @@ LSA (Lee et al. 2021) options: `diag_mask` hides each token from itself; the log
 (per head), whose gradient the backward returns.
 
 Three implementations of the same maths:
-* `attention_math`: plain autograd through matmul/softmax/matmul — the `torch` backend; the
-  fastest on CPU in bf16 (it keeps the N×N probabilities for backward).
+* `attention_math`: plain autograd through matmul/softmax/matmul — the `torch` backend (but for
+  fp32 CPU calls, which the dispatcher sends to PyTorch's fused attention); the fastest on CPU
+  in bf16 (it keeps the N×N probabilities for backward).
 * `attn_fwd_reference` / `attn_bwd_reference`: flash-style forward/backward in PyTorch; they
   back the custom op for backend `reference` and define what the Triton kernels compute.
 * `_attn_fwd_kernel` / `_attn_bwd_kernel`: the Triton kernels (backend `triton`).

@@ -139,7 +139,9 @@ def test_attention_saves_same_small_tensors_on_every_backend():
     for backend in ("triton", "reference", "torch"):
         kernels.set_backend(backend)
         qkv, (q, k, v) = model_like_qkv()
-        out, saved = saved_tensors(lambda: kernels.attention(q, k, v, 0.25))
+        # torch in bf16: its math path (in fp32 it takes PyTorch's fused CPU attention)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backend == "torch"):
+            out, saved = saved_tensors(lambda: kernels.attention(q, k, v, 0.25))
         records[backend] = [(tuple(t.shape), t.dtype, t.stride()) for t in saved]
         if backend != "torch":
             assert not any(t.shape[-2:] == (65, 65) for t in saved)
@@ -263,8 +265,51 @@ def test_backend_names_and_auto_on_cpu():
         kernels.set_backend("cuda")
     kernels.set_backend("auto")
     qkv, (q, k, v) = model_like_qkv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, saved = saved_tensors(lambda: kernels.attention(q, k, v, 0.25))
+    assert any(t.shape[-2:] == (65, 65) for t in saved)  # auto on CPU in bf16 = the math path
+
+
+def sdpa_calls(monkeypatch):
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cpu_fp32_attention_is_fused_and_matches_math(backend, monkeypatch):
+    """fp32 on CPU with a float scale: PyTorch's fused attention (faster there), the same maths
+    as attention_math, forward and gradients, with no N×N matrix kept for backward."""
+    kernels.set_backend(backend)
+    calls = sdpa_calls(monkeypatch)
+    for shape in [(1, 3, 65, 65, 16), (2, 3, 2, 66, 8)]:  # full and class attention
+        q, k, v, scale = make_attention_inputs(*shape, torch.float32, None)
+        (q, k, v), call = attention_args(q, k, v, scale)
+        check_against_float64(call(kernels.attention, False), [q, k, v],
+                              call(flash_attn.attention_math, False), torch.float32, ["dq", "dk", "dv"])
+    assert calls == [torch.float32, torch.float32]
+    qkv, (q, k, v) = model_like_qkv()
     _, saved = saved_tensors(lambda: kernels.attention(q, k, v, 0.25))
-    assert any(t.shape[-2:] == (65, 65) for t in saved)  # auto on CPU = the math path
+    assert not any(t.shape[-2:] == (65, 65) for t in saved)
+
+
+def test_cpu_attention_stays_math_in_bf16_and_for_lsa(monkeypatch):
+    """The fused CPU attention's bf16 backward is slow, and it has no learnable temperature or
+    diagonal mask: those calls take matmul/softmax/matmul, also through the mla-q entry point."""
+    kernels.set_backend("auto")
+    calls = sdpa_calls(monkeypatch)
+    q, k, v, _ = make_attention_inputs(1, 3, 65, 65, 16, torch.float32, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 tensors, bf16 autocast
+        kernels.attention(q, k, v, 0.25)
+    kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.25)
+    kernels.attention(q, k, v, 0.25, diag_mask=True)
+    kernels.attention(q, k, v, torch.tensor(0.25))
+    assert calls == []
+    x, w_down, w_up, b = make_lowrank_inputs(1, 65, 48, 16, torch.float32, True)
+    out = kernels.lowrank_q_attention(x, w_down, w_up, b, k, v, 0.25)
+    assert calls == [torch.float32] and out.shape == (1, 3, 65, 16)
 
 
 @needs_triton
