@@ -441,7 +441,9 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device):
     if cfg.optimizer == "lion":
         from lion_pytorch import Lion  # its Triton update runs on CUDA
         return Lion(groups, lr=cfg.lr, use_triton=device.type == "cuda")
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    # fused: one kernel over all tensors; on CPU 1.4 vs 7.2 ms a step for the cpu-speedrun model
+    # (its whole step is ~50-130 ms), equal to the foreach update within fp32 rounding
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
 
 
 def lr_at(progress: float, cfg: Config) -> float:

@@ -270,6 +270,22 @@ def test_precision_follows_the_hardware(flags, device, want):
     assert S.pick_precision("fp32", torch.device(device), cpu_flags=flags) is None
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
+def test_adamw_is_fused_on_cpu_and_decays_weight_matrices_only(optimizer):
+    cfg = S.resolve_config("baseline", width=32, depth=1, heads=2, optimizer=optimizer)
+    model = S.build_model(cfg)
+    opt = S.make_optimizer(model, cfg, torch.device("cpu"))
+    decay, free = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and free["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and model.cls_token in free["params"]
+    if optimizer == "adamw":
+        assert opt.defaults["fused"]  # one update kernel: ~5x faster than foreach on CPU
+        before = [p.detach().clone() for p in model.parameters()]
+        model(torch.randn(2, 3, 32, 32)).square().sum().backward()
+        opt.step()
+        assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_flip_tta_scores_a_mirrored_test_set_alike():
     """With --tta-flip an image and its mirror get the same averaged logits, so mirroring the
     whole test set changes nothing; without it the (asymmetric, random) model's scores move."""
