@@ -381,16 +381,28 @@ class ViT(nn.Module):
             if isinstance(p, nn.Parameter):
                 nn.init.trunc_normal_(p, std=0.02)
 
+    def patch_tokens(self, images):
+        """Embedded patches plus positions, (B, P, C); while training with token_keep < 1 only a
+        random share of each image's patches (PatchDropout), embedded after the draw: a conv
+        whose stride is its kernel is one Linear per patch, so dropped patches cost nothing."""
+        pos = self.pos_embed[:, self.cfg.num_cls:]
+        if not (self.training and self.token_keep < 1):
+            x = self.patch_embed(images)
+            return (x.flatten(2).transpose(1, 2) if x.dim() == 4 else x) + pos
+        B, p, grid = images.shape[0], self.cfg.patch_size, 32 // self.cfg.patch_size
+        P = grid * grid
+        keep = torch.rand(B, P, device=images.device).argsort(1)[:, :max(1, round(P * self.token_keep))]
+        pick = lambda t: t.gather(1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        if isinstance(self.patch_embed, nn.Conv2d):
+            patches = images.reshape(B, 3, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5).reshape(B, P, -1)
+            x = F.linear(pick(patches), self.patch_embed.weight.flatten(1), self.patch_embed.bias)
+        else:  # SPT mixes neighbouring pixels and normalises: embed every patch, then draw
+            x = pick(self.patch_embed(images))
+        return x + pick(pos.expand(B, -1, -1))
+
     def forward(self, x):
-        x = self.patch_embed(x)
-        if x.dim() == 4:  # conv output (B, C, h, w) -> tokens (B, h*w, C)
-            x = x.flatten(2).transpose(1, 2)
+        x = self.patch_tokens(x)
         n = self.cfg.num_cls
-        x = x + self.pos_embed[:, n:]
-        if self.training and self.token_keep < 1:  # positions are already in the tokens
-            B, P, C = x.shape
-            keep = torch.rand(B, P, device=x.device).argsort(1)[:, :max(1, round(P * self.token_keep))]
-            x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))
         x = torch.cat([(self.cls_token + self.pos_embed[:, :n]).expand(x.shape[0], -1, -1), x], 1)
         for block in self.blocks:
             x = block(x)

@@ -324,13 +324,15 @@ def test_crop_pad_reaches_the_batches(crop_pad):
     assert all(unshifted) if crop_pad == 0 else not all(unshifted)
 
 
-def test_token_keep_drops_patch_tokens_in_training_only():
+@pytest.mark.parametrize("patch_embed", ["conv", "spt"])
+def test_token_keep_drops_patch_tokens_in_training_only(patch_embed):
     """--token-keep 0.5: the blocks see the CLS tokens and 32 of the 64 patch tokens while
-    training, different ones per image; evaluation sees every token, as with --token-keep 1."""
+    training, different ones per image; evaluation sees every token, as with --token-keep 1.
+    (The conv embeds only the kept patches, SPT embeds all and then draws: same tokens.)"""
     torch.manual_seed(0)
-    full = S.build_model(S.resolve_config("cpu-speedrun", num_cls=2, width=32, heads=2, depth=1))
-    half = S.build_model(S.resolve_config("cpu-speedrun", num_cls=2, width=32, heads=2, depth=1,
-                                          token_keep=0.5))
+    small = dict(num_cls=2, width=32, heads=2, depth=1, patch_embed=patch_embed)
+    full = S.build_model(S.resolve_config("cpu-speedrun", **small))
+    half = S.build_model(S.resolve_config("cpu-speedrun", token_keep=0.5, **small))
     half.load_state_dict(full.state_dict())
     x = torch.randn(4, 3, 32, 32)
     seen = []
@@ -338,7 +340,7 @@ def test_token_keep_drops_patch_tokens_in_training_only():
     half.train()(x)
     tokens = seen[0]
     assert tokens.shape == (4, 2 + 32, 32)
-    embedded = full.patch_embed(x).flatten(2).transpose(1, 2) + full.pos_embed[:, 2:]
+    embedded = full.eval().patch_tokens(x)
     dist = torch.cdist(tokens[:, 2:], embedded, compute_mode="donot_use_mm_for_euclid_dist")
     # each kept token is one of this image's own embedded patches
     assert torch.allclose(dist.min(-1).values, torch.zeros(4, 32), atol=1e-5)
