@@ -339,14 +339,18 @@ class ShiftedPatchTokenization(nn.Module):
         self.norm, self.proj = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, width)
 
     def forward(self, x):
-        s, (B, _, H, W) = self.p // 2, x.shape
+        s, (H, W) = self.p // 2, x.shape[-2:]
         padded = F.pad(x, (s, s, s, s))
         shifts = [padded[..., dy:dy + H, dx:dx + W] for dy, dx in ((0, 0), (0, 2 * s), (2 * s, 0),
                                                                    (2 * s, 2 * s))]
         x = torch.cat([x] + shifts, 1)  # (B, 15, H, W)
-        p = self.p
-        x = x.view(B, 15, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, 15 * p * p)
-        return self.proj(self.norm(x))
+        return self.proj(self.norm(patchify(x, self.p)))
+
+
+def patchify(x, p: int):
+    """(B, C, H, W) -> (B, H/p · W/p, C·p·p): each p×p patch flattened as a stride-p conv reads it."""
+    B, C, H, W = x.shape
+    return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
 
 
 def sincos_pos_embed(width: int, grid: int, num_cls: int) -> torch.Tensor:
@@ -397,13 +401,12 @@ class ViT(nn.Module):
         if not (self.training and self.token_keep < 1):
             x = self.patch_embed(images)
             return (x.flatten(2).transpose(1, 2) if x.dim() == 4 else x) + pos
-        B, p, grid = images.shape[0], self.cfg.patch_size, 32 // self.cfg.patch_size
-        P = grid * grid
+        B, P = images.shape[0], pos.shape[1]
         keep = torch.rand(B, P, device=images.device).argsort(1)[:, :max(1, round(P * self.token_keep))]
         pick = lambda t: t.gather(1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         if isinstance(self.patch_embed, nn.Conv2d):
-            patches = images.reshape(B, 3, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5).reshape(B, P, -1)
-            x = F.linear(pick(patches), self.patch_embed.weight.flatten(1), self.patch_embed.bias)
+            patches = pick(patchify(images, self.cfg.patch_size))
+            x = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias)
         else:  # SPT mixes neighbouring pixels and normalises: embed every patch, then draw
             x = pick(self.patch_embed(images))
         return x + pick(pos.expand(B, -1, -1))
