@@ -271,7 +271,7 @@ def test_precision_follows_the_hardware(flags, device, want):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lion"])
-def test_adamw_is_fused_on_cpu_and_decays_weight_matrices_only(optimizer):
+def test_optimizers_decay_weight_matrices_only_and_adamw_is_fused_on_cpu(optimizer):
     cfg = S.resolve_config("baseline", width=32, depth=1, heads=2, optimizer=optimizer)
     model = S.build_model(cfg)
     opt = S.make_optimizer(model, cfg, torch.device("cpu"))
