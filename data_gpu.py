@@ -8,6 +8,7 @@ policy, PIL semantics), normalise, random erasing -> CutMix/MixUp with host-draw
 Augmentation never loops over images and never syncs with the host: every image draws its own
 randomness from a torch.Generator on the device, so a run is exact given the generator's state.
 """
+import contextlib
 import functools
 import hashlib
 import http.client
@@ -45,16 +46,33 @@ def _one_line(err):
     return " ".join(f"{type(err).__name__}: {err}".split())
 
 
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb"):
+    """Open a hidden temporary file beside `path`; on a clean exit it replaces `path` in one
+    rename, on any exception (a signal's included) it is removed: readers see the old file or
+    the new one, never half of one, and nothing is left behind."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are not secrets
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # ----------------------------------------------------------------------------- source
 
 def _download(root, log):
     """Fetch the official archive into root/, publishing it only once its MD5 is right."""
-    dest, part = os.path.join(root, _ARCHIVE), os.path.join(root, f".{_ARCHIVE}.part")
+    dest = os.path.join(root, _ARCHIVE)
     md5, done, shown = hashlib.md5(), 0, -1
     try:
         os.makedirs(root, exist_ok=True)
         log(f"downloading {CIFAR_URL} to {dest}")
-        with urllib.request.urlopen(CIFAR_URL, timeout=60) as response, open(part, "wb") as out:
+        with urllib.request.urlopen(CIFAR_URL, timeout=60) as response, atomic_write(dest) as out:
             total = int(response.headers.get("Content-Length") or 0)
             while chunk := response.read(1 << 20):
                 out.write(chunk)
@@ -63,17 +81,13 @@ def _download(root, log):
                 if total and done * 10 // total > shown:
                     shown = done * 10 // total
                     log(f"  {done * 100 // total}% of {total / 2**20:.0f} MiB")
-        if md5.hexdigest() != CIFAR_MD5:
-            raise DataError(f"the download of {CIFAR_URL} is corrupt (MD5 {md5.hexdigest()}, expected "
-                            f"{CIFAR_MD5}); try again, or download it by hand and {_HELP}")
-        os.replace(part, dest)
+            if md5.hexdigest() != CIFAR_MD5:  # raised inside: the partial file is removed
+                raise DataError(f"the download of {CIFAR_URL} is corrupt (MD5 {md5.hexdigest()}, "
+                                f"expected {CIFAR_MD5}); try again, or download it by hand and {_HELP}")
         return dest
     except (OSError, http.client.HTTPException, ValueError) as err:  # URLError is an OSError
         raise DataError(f"could not download {CIFAR_URL} ({_one_line(err)}); download it by hand "
                         f"and {_HELP}") from None
-    finally:  # never leave a partial file behind, whatever stopped us
-        if os.path.exists(part):
-            os.remove(part)
 
 
 def _find_source(data, root, log):
@@ -228,15 +242,8 @@ def _save_cache(path, meta, arrays, log):
         os.makedirs(folder, exist_ok=True)
         if not _writable(folder):
             return False
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".u8cache-", suffix=".tmp")
-        try:  # write aside, then rename: a reader never sees half a cache
-            with os.fdopen(fd, "wb") as f:
-                torch.save({**arrays, "meta": meta, "crc": _checksum(arrays)}, f)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a data cache is not a secret
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_write(path) as f:  # a reader never sees half a cache
+            torch.save({**arrays, "meta": meta, "crc": _checksum(arrays)}, f)
     except OSError as err:
         log(f"not caching CIFAR-10 in {folder} ({_one_line(err)})")
         return False

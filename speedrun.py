@@ -751,9 +751,8 @@ class Trainer:
 
 def save_checkpoint(state: dict, path: str) -> None:
     """Write to a temporary file, then rename: the last good checkpoint survives any crash."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with data_gpu.atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -848,9 +847,8 @@ def drop_records_after(path: str, step: int) -> None:
             with contextlib.suppress(ValueError):
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
-    with open(path + ".tmp", "w") as f:
+    with data_gpu.atomic_write(path, "w") as f:
         f.writelines(kept)
-    os.replace(path + ".tmp", path)
 
 
 def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_only: bool = False,

@@ -212,9 +212,8 @@ def write_results(rows: list, args) -> str:
     os.makedirs(args.out, exist_ok=True)
     for name, text in (("ablate.md", table), ("ablate.json", json.dumps(report, indent=2))):
         path = os.path.join(args.out, name)
-        with open(path + ".tmp", "w") as f:
+        with data_gpu.atomic_write(path, "w") as f:
             f.write(text)
-        os.replace(path + ".tmp", path)
     return table
 
 

@@ -198,13 +198,13 @@ def test_download_verifies_md5_before_publishing(tmp_path, monkeypatch):
     serve(monkeypatch, payload)
     with pytest.raises(DataError, match="corrupt"):
         data_gpu.load_cifar10(root=str(root), log=quiet)
-    assert os.listdir(root) == []  # neither the archive nor the .part file
+    assert os.listdir(root) == []  # neither the archive nor its temporary file
 
     monkeypatch.setattr(data_gpu, "CIFAR_MD5", hashlib.md5(payload).hexdigest())
     logged = []
     check_loaded(data_gpu.load_cifar10(root=str(root), log=logged.append), batch_dicts())
     assert open(root / "cifar-10-python.tar.gz", "rb").read() == payload
-    assert not (root / ".cifar-10-python.tar.gz.part").exists() and any("100%" in line for line in logged)
+    assert not [n for n in os.listdir(root) if n.endswith(".tmp")] and any("100%" in line for line in logged)
     serve(monkeypatch, error=AssertionError("must not download again"))
     check_loaded(data_gpu.load_cifar10(root=str(root), log=quiet), batch_dicts())
 
@@ -476,3 +476,17 @@ def test_no_host_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(out).all() and soft.shape == (16, 10)
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
+def test_atomic_write_keeps_the_old_file_and_leaves_no_temporary(failure, tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(failure):
+        with data_gpu.atomic_write(str(path), "w") as f:
+            f.write("half of the new")
+            raise failure()
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+    with data_gpu.atomic_write(str(path), "w") as f:
+        f.write("new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["f.txt"]
