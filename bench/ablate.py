@@ -28,19 +28,14 @@ restarted (a --time-budget run cannot be resumed fairly: its budget counts start
 import os
 import sys
 
-# the repository root, not bench/, is the import root (bench/profile.py shadows stdlib `profile`)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import dataclasses
+import json
+import time
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from bench import common  # noqa: E402
-from bench.common import UsageError, data_gpu, speedrun  # noqa: E402
+import common
+from common import UsageError, data_gpu, speedrun
 
 # the paper's Table 2 and 3 rows that run on one GPU: the presets with a paper accuracy
 PAPER_VARIANTS = [name for name, v in speedrun.VARIANTS.items() if v.paper_acc is not None]

@@ -16,21 +16,16 @@ here by `fused_q_forward` until the model calls it). bf16 is autocast on CPU, wh
 keeps softmax in bf16; CUDA's autocast runs it in fp32, so on a GPU the math path saves more
 than shown here and the kernels' saving is larger.
 """
-import os
 import sys
 
-# the repository root, not bench/, is the import root (bench/profile.py shadows stdlib `profile`)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import argparse
 
-import argparse  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-import speedrun  # noqa: E402
-from bench.common import saved_activation_bytes  # noqa: E402
+import common  # first: puts the repository root on sys.path
+import kernels
+import speedrun
+from common import saved_activation_bytes
 
 
 def step_bytes(model, batch: int, precision: str) -> int:

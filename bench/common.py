@@ -1,9 +1,8 @@
 """Shared plumbing for the bench/ scripts: the paper's speed figures, config flags, synthetic data,
 device-synchronised timing, the saved-activation counter, and one-line CLI errors.
 
-Every script here starts with the same three lines that put the repository root (not bench/) on
-sys.path: bench/profile.py shares its name with the standard library's `profile`, which
-torch._dynamo imports through cProfile, so bench/ itself must never be an import root.
+A script run as `python bench/X.py` has bench/ as its import root: it imports this module first,
+which puts the repository root on sys.path for speedrun, data_gpu and kernels.
 """
 import argparse
 import contextlib

@@ -49,29 +49,24 @@ project itself does not: `pip install torchvision==0.29.1 pillow` (matches torch
 import os
 import sys
 
-# the repository root, not bench/, is the import root (bench/profile.py shadows stdlib `profile`)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import argparse
+import json
+import math
+import pickle
+import random
+import statistics
+import tarfile
+import time
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import pickle  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import tarfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 # the eager plain model (separate q/k/v, matmul-softmax attention), shared with
 # bench/throughput.py --compare-reference; it imports nothing of speedrun.py or data_gpu.py
-from bench.reference_model import PlainViT  # noqa: E402
+from reference_model import PlainViT
 
-ROOT = os.path.dirname(_HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data",
                                             "cifar-10-python.tar.gz"))
 MEAN = (0.4914, 0.4822, 0.4465)

@@ -19,18 +19,13 @@ and prints the table.
 import os
 import sys
 
-# the repository root, not bench/, is the import root (bench/profile.py shadows stdlib `profile`)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import dataclasses
+import json
+import math
+import statistics
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-
-from bench import common  # noqa: E402
-from bench.common import UsageError, speedrun  # noqa: E402
+import common
+from common import UsageError, speedrun
 
 PRECISIONS = ("fp32", "bf16")
 METRICS = ("loss", "test_acc")

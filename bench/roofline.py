@@ -5,7 +5,7 @@
 For each call (forward and backward) it counts the DRAM bytes moved and the FLOPs at the
 variants' shapes, and prints the estimated time = max(bytes / bandwidth, FLOPs / peak) on an
 H100 SXM and an RTX 3090: what a GPU owner should see, give or take launch latency (~2-4 µs a
-kernel, listed as `launches`), to check with the profiler (bench/profile.py).
+kernel, listed as `launches`), to check with the profiler (bench/trace_step.py).
 
 Counting rules (bf16 activations, as under bf16 autocast on CUDA):
 * every tensor an op reads or writes goes to DRAM once (operands re-read from L2 are free);
@@ -29,18 +29,13 @@ Peaks (dense, no sparsity):
 """
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass
 
-# the repository root, not bench/, is the import root (bench/profile.py shadows stdlib `profile`)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import torch
 
-import torch  # noqa: E402
-
-from kernels.flash_attn import attn_config  # noqa: E402
+import common  # noqa: F401  first: puts the repository root on sys.path
+from kernels.flash_attn import attn_config
 
 GPUS = {  # name: (bytes/s, bf16 FLOP/s, exp2/s)
     "H100": (3.35e12, 989.4e12, 132 * 16 * 1.98e9),

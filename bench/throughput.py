@@ -30,19 +30,14 @@ Writes results.json, table.md and throughput.png into --out
 import os
 import sys
 
-# the repository root, not bench/, is the import root (bench/profile.py shadows stdlib `profile`)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import dataclasses
+import itertools
+import math
 
-import dataclasses  # noqa: E402
-import itertools  # noqa: E402
-import math  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from bench import common, reference_model  # noqa: E402
-from bench.common import UsageError, data_gpu, speedrun  # noqa: E402
+import common, reference_model
+from common import UsageError, data_gpu, speedrun
 
 DEFAULT_BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
 MB = 2 ** 20

@@ -9,6 +9,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # bench scripts import their siblings by name
 SHARED_ARCHIVE = os.path.join(ROOT, "..", "shared", "data", "cifar-10-python.tar.gz")
 
 

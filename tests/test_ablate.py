@@ -5,7 +5,7 @@ import os
 import pytest
 
 import speedrun
-from bench import ablate
+import ablate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import speedrun as S
-from bench import common, reference_model
-from bench import precision as Pr
-from bench import profile as P
-from bench import throughput as T
+import common
+import reference_model
+import precision as Pr
+import trace_step as P
+import throughput as T
 
 TINY = ["--set", "width=32", "depth=1", "heads=2", "--device", "cpu", "--threads", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

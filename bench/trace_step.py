@@ -27,25 +27,20 @@ Writes trace.json (open it at https://ui.perfetto.dev -> "Open trace file", or c
 "Load"), breakdown.json and breakdown.png into --out
 (default bench/results/profile-<variant>-<device>/).
 
-  python bench/profile.py --variant mcls
-  python bench/profile.py --variant baseline --batch-size 256 --active 5
+  python bench/trace_step.py --variant mcls
+  python bench/trace_step.py --variant baseline --batch-size 256 --active 5
 """
 import os
 import sys
 
-# the repository root, not bench/, is the import root: this file shadows stdlib `profile`
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import dataclasses
+import json
+import statistics
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from bench import common  # noqa: E402
-from bench.common import UsageError, speedrun  # noqa: E402
+import common
+from common import UsageError, speedrun
 
 PARTS = ("data", "forward", "backward", "optimizer")
 COLUMNS = PARTS + ("other",)
@@ -54,7 +49,7 @@ GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def build_parser():
-    p = common.Parser(prog="bench/profile.py", description=__doc__)
+    p = common.Parser(prog="bench/trace_step.py", description=__doc__)
     common.add_config_args(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size [256 on CUDA, as Figure 4; 64 on CPU, to stay quick]")
