@@ -46,11 +46,17 @@ def get_backend() -> str:
     return _BACKEND
 
 
-def _impl(t: torch.Tensor) -> str:
-    """'math' for plain autograd, else the custom op's implementation: 'triton' or 'torch'."""
+def backend_for(device: torch.device) -> str:
+    """What runs for tensors on `device`: the backend, with 'auto' resolved. Each name means one
+    thing here and in the kernel files: 'torch' plain autograd, 'reference' the custom ops with
+    their PyTorch references inside, 'triton' the custom ops with the Triton kernels."""
     if _BACKEND == "auto":
-        return "triton" if t.is_cuda and HAVE_TRITON else "math"
-    return {"torch": "math", "reference": "torch", "triton": "triton"}[_BACKEND]
+        return "triton" if torch.device(device).type == "cuda" and HAVE_TRITON else "torch"
+    return _BACKEND
+
+
+def _impl(t: torch.Tensor) -> str:
+    return backend_for(t.device)
 
 
 def _autocast(device_type: str, *tensors):
@@ -65,20 +71,20 @@ def _fallback(why: str) -> str:
     if why not in _warned:
         _warned.add(why)
         warnings.warn(f"kernels: {why}; using the PyTorch math path", stacklevel=3)
-    return "math"
+    return "torch"
 
 
 def _attention_impl(q_like, k, scale, diag_mask: bool):
-    """The implementation for an attention call: the backend's ('math' becomes 'sdpa', PyTorch's
-    fused CPU attention, where that is faster), falling back to math outside the kernel's range."""
+    """The implementation for an attention call: the backend's ('torch' becomes 'sdpa', PyTorch's
+    fused CPU attention, where that is faster), falling back to 'torch' outside the kernels' range."""
     impl = _impl(q_like)
     # fp32 only: under bf16 autocast SDPA would run its slow bf16 backward; a learnable
     # temperature (LSA) or the diagonal mask stay on the math path, which covers them
-    if (impl == "math" and k.device.type == "cpu" and k.dtype == torch.float32
+    if (impl == "torch" and k.device.type == "cpu" and k.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.is_tensor(scale) and not diag_mask):
         return "sdpa"
     N, D = k.shape[2], k.shape[3]
-    if impl != "math" and (N > MAX_SEQ or D > max(HEAD_DIMS)):
+    if impl != "torch" and (N > MAX_SEQ or D > max(HEAD_DIMS)):
         impl = _fallback(f"attention kernel covers N ≤ {MAX_SEQ} keys, D ≤ {max(HEAD_DIMS)} (got N={N}, D={D})")
     return impl
 
@@ -103,7 +109,7 @@ def attention(q, k, v, scale, diag_mask: bool = False):
     """softmax(scale · q kᵀ) v over (B, H, N, D) tensors; `scale` is a float or a learnable
     tensor (scalar per layer or (H,) per head); diag_mask hides each token from itself (LSA)."""
     impl = _attention_impl(q, k, scale, diag_mask)
-    if impl in ("math", "sdpa"):
+    if impl in ("torch", "sdpa"):
         return _plain_attention(impl, q, k, v, scale, diag_mask)
     q, k, v = _autocast(q.device.type, q, k, v)
     return flash_attention(q, k, v, *_scale_args(scale, k.shape[1]), diag_mask, impl)
@@ -121,7 +127,7 @@ def lowrank_q_attention(x, w_down, w_up, b_up, k, v, scale, diag_mask: bool = Fa
     if num_query:
         c = c[:, :num_query]
     impl = _attention_impl(c, k, scale, diag_mask)
-    if impl in ("math", "sdpa"):
+    if impl in ("torch", "sdpa"):
         B, H, _, D = k.shape
         q = F.linear(c, w_up, b_up).view(B, -1, H, D).transpose(1, 2)
         return _plain_attention(impl, q, k, v, scale, diag_mask)
@@ -132,7 +138,7 @@ def lowrank_q_attention(x, w_down, w_up, b_up, k, v, scale, diag_mask: bool = Fa
 def lowrank_linear(x, w_down, w_up, b):
     """y = (x W_downᵀ) W_upᵀ + b: the low-rank (MLA) projection."""
     impl = _impl(x)
-    if impl == "math":
+    if impl == "torch":
         return lowrank_math(x, w_down, w_up, b)
     x, w_down, w_up, b = _autocast(x.device.type, x, w_down, w_up, b)
     return fused_lowrank(x, w_down, w_up, b, impl)

@@ -402,7 +402,7 @@ attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def flash_attention(q, k, v, scale=1.0, temp: Optional[Tensor] = None, diag_mask: bool = False,
                     impl: str = "triton") -> Tensor:
-    """softmax(scale · temp · q kᵀ) v with flash-style memory; impl 'triton' or 'torch'."""
+    """softmax(scale · temp · q kᵀ) v with flash-style memory; impl 'triton' or 'reference'."""
     same_dtype(q, k, v)
     return attn_fwd(q, k, v, None, None, float(scale), temp, diag_mask, impl)[0]
 

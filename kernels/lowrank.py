@@ -183,6 +183,6 @@ lowrank_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_lowrank(x, w_down, w_up, b=None, impl: str = "triton") -> Tensor:
-    """(x W_downᵀ) W_upᵀ + b saving only x; impl 'triton' or 'torch'."""
+    """(x W_downᵀ) W_upᵀ + b saving only x; impl 'triton' or 'reference'."""
     same_dtype(x, w_down, w_up, b)
     return lowrank_fwd(x, w_down, w_up, b, impl)
