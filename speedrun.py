@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -288,9 +289,10 @@ class Attention(nn.Module):
         proj.update({n: m(x) for n, m in self.low_rank.items() if not (fused_q and n == "q")})
         k, v = (proj[n].view(B, N, self.heads, self.head_dim).transpose(1, 2) for n in "kv")
         if fused_q:
-            lr = self.low_rank["q"]
-            out = kernels.lowrank_q_attention(x, lr.down.weight, lr.up.weight, lr.up.bias, k, v,
-                                              self.scale, diag_mask=self.lsa, num_query=num_query)
+            q_proj = self.low_rank["q"]
+            out = kernels.lowrank_q_attention(x, q_proj.down.weight, q_proj.up.weight, q_proj.up.bias,
+                                              k, v, self.scale, diag_mask=self.lsa,
+                                              num_query=num_query)
         else:
             q = proj["q"].view(B, N, self.heads, self.head_dim).transpose(1, 2)
             out = kernels.attention(q[:, :, :num_query] if num_query else q, k, v, self.scale,
@@ -370,7 +372,6 @@ class ViT(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.token_keep = cfg.token_keep  # the training loop may change it (keep_at)
         grid = 32 // cfg.patch_size
         if cfg.patch_embed == "spt":
             self.patch_embed = ShiftedPatchTokenization(cfg.width, cfg.patch_size)
@@ -394,16 +395,16 @@ class ViT(nn.Module):
             if isinstance(p, nn.Parameter):
                 nn.init.trunc_normal_(p, std=0.02)
 
-    def patch_tokens(self, images):
+    def patch_tokens(self, images, token_keep: float = 1.0):
         """Embedded patches plus positions, (B, P, C); while training with token_keep < 1 only a
         random share of each image's patches (PatchDropout), embedded after the draw: a conv
         whose stride is its kernel is one Linear per patch, so dropped patches cost nothing."""
         pos = self.pos_embed[:, self.cfg.num_cls:]
-        if not (self.training and self.token_keep < 1):
+        if not (self.training and token_keep < 1):
             x = self.patch_embed(images)
             return (x.flatten(2).transpose(1, 2) if x.dim() == 4 else x) + pos
         B, P = images.shape[0], pos.shape[1]
-        keep = torch.rand(B, P, device=images.device).argsort(1)[:, :max(1, round(P * self.token_keep))]
+        keep = torch.rand(B, P, device=images.device).argsort(1)[:, :max(1, round(P * token_keep))]
         pick = lambda t: t.gather(1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         if isinstance(self.patch_embed, nn.Conv2d):
             patches = pick(patchify(images, self.cfg.patch_size))
@@ -412,8 +413,9 @@ class ViT(nn.Module):
             x = pick(self.patch_embed(images))
         return x + pick(pos.expand(B, -1, -1))
 
-    def forward(self, x):
-        x = self.patch_tokens(x)
+    def forward(self, x, token_keep: float = 1.0):
+        """token_keep < 1: train on that share of each image's patch tokens (PatchDropout)."""
+        x = self.patch_tokens(x, token_keep)
         n = self.cfg.num_cls
         x = torch.cat([(self.cls_token + self.pos_embed[:, :n]).expand(x.shape[0], -1, -1), x], 1)
         for block in self.blocks:
@@ -571,14 +573,18 @@ def init_distributed(device_name: str) -> Dist:
 # Training step and evaluation
 
 class Trainer:
-    """Holds everything a step needs; `step(s, lr)` is the whole hot path (no host syncs)."""
+    """Holds everything a step needs; `step(s, lr)` is the whole hot path (no host syncs).
+    Its decisions are attributes for benchmarks to read: amp_dtype, compiled, kernels.
+    model: another nn.Module to train in the same loop (a benchmark's plain reference model)."""
 
-    def __init__(self, cfg: Config, data: dict, device: torch.device, dist: Dist = Dist()):
+    def __init__(self, cfg: Config, data: dict, device: torch.device, dist: Dist = Dist(),
+                 model: Optional[nn.Module] = None):
         self.cfg, self.device, self.dist = cfg, device, dist
         kernels.set_backend(cfg.kernels)
+        self.kernels = kernels.backend_for(device)
         torch.manual_seed(cfg.seed)
         self.data = {k: v.to(device) for k, v in data.items()}  # whole set resident as uint8
-        self.model = build_model(cfg).to(device)
+        self.model = (model or build_model(cfg)).to(device)
         if cfg.whiten:
             whiten_patch_embed(self.model, self.data["train_x"][:5000])
         self.optimizer = make_optimizer(self.model, cfg, device)
@@ -627,11 +633,11 @@ class Trainer:
         """One optimisation step; returns the loss as a device tensor, or None if skipped."""
         rf = torch.profiler.record_function
         self.net.train()
-        self.model.token_keep = self.cfg.token_keep if token_keep is None else token_keep
+        keep = self.cfg.token_keep if token_keep is None else token_keep
         with rf("data"):
             x, targets = self.batch(s)
         with rf("forward"), self.autocast():
-            loss = soft_cross_entropy(self.net(x), targets, self.cfg.label_smoothing)
+            loss = soft_cross_entropy(self.net(x, token_keep=keep), targets, self.cfg.label_smoothing)
         with rf("backward"):
             loss.backward()
         with rf("optimizer"):
@@ -668,7 +674,8 @@ class Trainer:
 
     def fitting_batch(self) -> int:
         """After running out of memory: the largest halving of this process's batch whose forward
-        and backward fit beside the model and optimizer state (0: not even one image)."""
+        and backward fit beside the model and optimizer state (0: not even one image); with every
+        token, the dearest step of any run."""
         batch = self.cfg.batch_size // self.dist.world_size // 2
         self.model.train()
         while batch >= 1:
@@ -715,6 +722,15 @@ class Trainer:
         correct, loss, count = totals.tolist()
         return {"test_acc": 100.0 * correct / count, "test_loss": loss / count}
 
+    def time_eval(self, clock=time.monotonic) -> float:
+        """Seconds an evaluation of the test set will take, from timing its first batch (of every
+        rank)."""
+        world, n_test = self.dist.world_size, self.data["test_x"].shape[0]
+        n = min(1000, n_test // world)
+        t = clock()
+        self.evaluate(batch_size=n, limit=n)
+        return (clock() - t) * n_test / (n * world)
+
     # -- checkpoints: everything needed for a bit-exact continuation ---------------------------
     def state_dict(self, step: int, elapsed: float, extra: dict):
         """Call on every rank: it gathers each rank's random streams (only rank 0 saves)."""
@@ -730,6 +746,13 @@ class Trainer:
         return {"config": dataclasses.asdict(self.cfg), "step": step, "elapsed": elapsed,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "rng": ranks, **extra}
+
+    def resume(self, state: Optional[dict]):
+        """Continue from a checkpoint (None: a fresh run) -> (step, elapsed seconds, skipped)."""
+        if state is None:
+            return 0, 0.0, 0
+        self.load_state_dict(state)
+        return state["step"], state["elapsed"], state.get("skipped", 0)
 
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
@@ -817,47 +840,186 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def prepare_out_dir(cfg: Config, resume: bool, overwrite: bool, main: bool) -> str:
-    out = cfg.out or os.path.join("runs", f"{cfg.variant.replace(',', '+')}-"
-                                          f"{time.strftime('%Y%m%d-%H%M%S')}")
-    holds_run = os.path.exists(os.path.join(out, "config.json"))
-    if holds_run and not (resume or overwrite):
-        raise UsageError(f"{out} already holds a run; pass --resume {out} to continue it or "
-                         f"--overwrite to replace it")
-    if main:
-        try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as e:  # a file in the way, no permission
-            raise UsageError(f"--out {out}: cannot create the folder ({e.strerror})") from None
-        if overwrite and not resume:
-            for name in ("metrics.jsonl", "ckpt.pt", "summary.json"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(out, name))
-    return out
+class RunFolder:
+    """A run's files: config.json, metrics.jsonl (a JSON line per record), ckpt.pt, summary.json.
+    Every process holds one (all take part in checkpoints); only the first writes."""
+
+    def __init__(self, cfg: Config, resume_step: Optional[int], overwrite: bool, dist: Dist):
+        self.dist, self.main = dist, dist.main
+        self.out = cfg.out or os.path.join("runs", f"{cfg.variant.replace(',', '+')}-"
+                                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
+        self.ckpt_path = os.path.join(self.out, "ckpt.pt")
+        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        resume = resume_step is not None
+        if os.path.exists(os.path.join(self.out, "config.json")) and not (resume or overwrite):
+            raise UsageError(f"{self.out} already holds a run; pass --resume {self.out} to continue "
+                             f"it or --overwrite to replace it")
+        if self.main:
+            try:
+                os.makedirs(self.out, exist_ok=True)
+            except OSError as e:  # a file in the way, no permission
+                raise UsageError(f"--out {self.out}: cannot create the folder ({e.strerror})") from None
+            if overwrite and not resume:
+                for name in ("metrics.jsonl", "ckpt.pt", "summary.json"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(self.out, name))
+        if dist.world_size > 1:  # every rank has looked at the folder before rank 0 writes into it
+            torch.distributed.barrier()
+        self.metrics = None
+        if self.main:
+            if resume:
+                self.drop_records_after(resume_step)
+            self.write_json("config.json", dataclasses.asdict(cfg))
+            self.metrics = open(self.metrics_path, "a")
+
+    def drop_records_after(self, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: forget what was logged for them
+        (and a line torn by a crash), so that metrics.jsonl reads as one uninterrupted run."""
+        if not os.path.exists(self.metrics_path):
+            return
+        kept = []
+        with open(self.metrics_path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+        with data_gpu.atomic_write(self.metrics_path, "w") as f:
+            f.writelines(kept)
+
+    def write_json(self, name: str, values: dict) -> None:
+        if self.main:
+            with open(os.path.join(self.out, name), "w") as f:
+                json.dump(values, f, indent=2)
+
+    def record(self, kind: str, **values) -> None:
+        if self.metrics:
+            self.metrics.write(json.dumps({"kind": kind, **values}) + "\n")
+            self.metrics.flush()
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+
+    def checkpoint(self, trainer: "Trainer", step: int, elapsed: float, skipped: int) -> None:
+        """Every rank takes part (weights checked, random streams gathered); rank 0 writes."""
+        if not trainer.all_finite(trainer.model.parameters()):
+            raise self.fault(f"non-finite weights after step {step}")
+        state = trainer.state_dict(step, elapsed, {"skipped": skipped})
+        if self.main:
+            save_checkpoint(state, self.ckpt_path)
+        if self.dist.world_size > 1:  # no rank moves on (or exits) before the file is in place
+            torch.distributed.barrier()
+
+    def fault(self, what: str) -> UsageError:
+        kept = (f"the last good checkpoint {self.ckpt_path} is intact"
+                if os.path.exists(self.ckpt_path) else "no checkpoint was written")
+        return UsageError(f"{what}; {kept} (try a lower --lr)")
 
 
-def drop_records_after(path: str, step: int) -> None:
-    """A resumed run redoes the steps after its checkpoint: forget what was logged for them (and
-    a line torn by a crash), so that metrics.jsonl reads as one uninterrupted run."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-    with data_gpu.atomic_write(path, "w") as f:
-        f.writelines(kept)
+class Budget:
+    """The schedule's clock. Progress through warm-up and cosine is the larger of the steps' share
+    and, under --time-budget, the time's share: the whole run, start-up and final evaluation
+    included, then ends with the budget. The final evaluation's reserve is one eval batch timed
+    5 steps in (again 5 steps after the steps' cost changes), rescaled by each log window's pace
+    as the machine's speed drifts."""
+
+    def __init__(self, cfg: Config, total: int, step: int, start_time: float, clock, time_eval,
+                 world_size: int):
+        self.cfg, self.total, self.clock, self.time_eval = cfg, total, clock, time_eval
+        self.end = start_time + cfg.time_budget if cfg.time_budget else None
+        self.reserve, self.eval_s, self.eval_ips = 0.0, 0.0, None
+        self.start = self.window_start = clock()
+        self.window_step, self.timing_step = step, step + 5
+        self.keep = cfg.token_keep  # the token share of the steps being timed
+        self.shared = 0.0 if world_size > 1 else None  # rank 0's time share as of the last sync
+
+    def share(self) -> float:
+        """Share of the time budget spent (0 without a budget)."""
+        if self.end is None:
+            return 0.0
+        return (self.clock() - self.start) / max(self.end - self.reserve - self.start, 1e-9)
+
+    def progress(self, step: int) -> float:
+        # under torchrun: rank 0's time share as of the last sync, so that every rank computes
+        # the same learning rate and ends at the same step
+        share = self.share() if self.shared is None else self.shared
+        return min(max((step + 1) / self.total, share), 1.0)
+
+    def before_step(self, step: int, keep: float) -> None:
+        if keep != self.keep and self.end is not None:
+            self.timing_step = step + 5  # the steps' cost changes: so does the reserve's pace
+        self.keep = keep
+
+    def after_step(self, step: int) -> None:
+        if self.end is not None and step == self.timing_step:
+            self.eval_s, self.eval_ips = self.time_eval(self.clock), None
+            self.reserve = 2.0 + self.eval_s
+            self.window_start, self.window_step = self.clock(), step  # timing is no training
+
+    def window(self, step: int, shared: float) -> float:
+        """At a log step: the images/s since the last one; the reserve follows that pace."""
+        if self.shared is not None:
+            self.shared = shared
+        now = self.clock()
+        ips = (step - self.window_step) * self.cfg.batch_size / max(now - self.window_start, 1e-9)
+        if self.end is not None and step > self.timing_step:
+            self.eval_ips = self.eval_ips or ips  # the pace when the eval batch was timed
+            self.reserve = 2.0 + self.eval_s * self.eval_ips / max(ips, 1e-9)
+        self.window_start, self.window_step = now, step
+        return ips
+
+    def eta(self, progress: float) -> float:
+        return (self.clock() - self.start) * (1 - progress) / max(progress, 1e-9)
 
 
-def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_only: bool = False,
-          clock=time.monotonic, start_time: float = None) -> dict:
-    """Train (or evaluate) one configuration; returns the summary dict."""
-    start_time = clock() if start_time is None else start_time
-    # before the rendezvous: each process refuses on its own instead of waiting for the others
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    dist = init_distributed(cfg.device)
+class Meter:
+    """The losses between log steps (summed on the device: no sync), the skipped-step count, and
+    what each log step prints and records."""
+
+    def __init__(self, trainer: "Trainer", run: RunFolder, budget: Budget, skipped: int,
+                 prior_elapsed: float):
+        self.trainer, self.run, self.budget, self.cfg = trainer, run, budget, trainer.cfg
+        self.skipped, self.prior_elapsed = skipped, prior_elapsed
+        self.loss_sum, self.loss_count = torch.zeros((), device=trainer.device), 0
+        self.bar = Progress(run.main)
+
+    def add(self, loss) -> None:
+        if loss is None:
+            self.skipped += 1
+        else:
+            self.loss_sum += loss
+            self.loss_count += 1
+
+    def elapsed(self) -> float:
+        return self.prior_elapsed + self.budget.clock() - self.budget.start
+
+    def log(self, step: int, progress: float, stop_asked: bool) -> bool:
+        """The host sync of a log step; returns whether any rank was asked to stop."""
+        cfg, total = self.cfg, self.budget.total
+        mean_loss, stopping, shared = self.trainer.sync(self.loss_sum, self.loss_count, stop_asked,
+                                                        self.budget.share())
+        if not math.isfinite(mean_loss) and cfg.nan_policy == "stop":
+            raise self.run.fault(f"non-finite loss {mean_loss} near step {step}")
+        ips, lr = self.budget.window(step, shared), lr_at(progress, cfg)
+        epoch = step / self.trainer.steps_per_epoch
+        self.bar.show(f"step {step:,}/{total:,} | ep {epoch:.2f} | loss {mean_loss:.4f} | "
+                      f"lr {lr:.2e} | {ips:,.0f} img/s | ETA {fmt_time(self.budget.eta(progress))}")
+        self.run.record("train", step=step, epoch=round(epoch, 4),
+                        loss=mean_loss if math.isfinite(mean_loss) else None,  # all skipped
+                        lr=lr, img_per_s=round(ips, 1), elapsed=round(self.elapsed(), 2),
+                        skipped=self.skipped)
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return stopping
+
+    def evaluation(self, step: int) -> dict:
+        result = self.trainer.evaluate()
+        self.run.record("eval", step=step, epoch=round(step / self.trainer.steps_per_epoch, 4),
+                        **result)
+        return result
+
+
+def setup_device(cfg: Config, dist: Dist) -> torch.device:
     device = pick_device(cfg.device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
@@ -869,7 +1031,10 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
         # warn_only: the one flagged op, equalize's scatter_add, sums integers, exact in any order
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    log = print if dist.main else (lambda *a, **k: None)
+    return device
+
+
+def load_data(cfg: Config, dist: Dist, log) -> dict:
     # the first process of each machine alone downloads and caches the data; the others then
     # read its copy (the barriers are global: all first processes load before any other does)
     if dist.local_rank != 0:
@@ -877,168 +1042,91 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     data = data_gpu.load_cifar10(cfg.data or None, log=log)
     if dist.local_rank == 0 and dist.world_size > 1:
         torch.distributed.barrier()
-    trainer = Trainer(cfg, data, device, dist)
-    step, prior_elapsed, skipped = 0, 0.0, 0
-    if resume_state is not None:
-        trainer.load_state_dict(resume_state)
-        step, prior_elapsed = resume_state["step"], resume_state["elapsed"]
-        skipped = resume_state.get("skipped", 0)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_only: bool = False,
+          clock=time.monotonic, start_time: float = None) -> dict:
+    """Train (or evaluate) one configuration; returns the summary dict."""
+    start_time = clock() if start_time is None else start_time
+    # before the rendezvous: each process refuses on its own instead of waiting for the others
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    dist = init_distributed(cfg.device)
+    log = print if dist.main else (lambda *a, **k: None)
+    device = setup_device(cfg, dist)
+    trainer = Trainer(cfg, load_data(cfg, dist, log), device, dist)
+    step, prior_elapsed, skipped = trainer.resume(resume_state)
     if eval_only:
         result = trainer.evaluate()
-        log(f"test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) "
-            f"at step {step}")
+        log(f"test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) at step {step}")
         return result
-    out = prepare_out_dir(cfg, resume_state is not None, overwrite, dist.main)
-    if dist.world_size > 1:  # every rank has looked at the folder before rank 0 writes into it
-        torch.distributed.barrier()
-    if dist.main and resume_state is not None:
-        drop_records_after(os.path.join(out, "metrics.jsonl"), step)
-    if dist.main:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if dist.main else None
-
-    def record(kind, **values):
-        if metrics:
-            metrics.write(json.dumps({"kind": kind, **values}) + "\n")
-            metrics.flush()
-
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    spe = trainer.steps_per_epoch
-    eval_steps = max(1, round(cfg.eval_every * spe))
-    ckpt_steps = max(1, round(spe))
-    total = trainer.total_steps
+    run = RunFolder(cfg, step if resume_state else None, overwrite, dist)
+    total, spe = trainer.total_steps, trainer.steps_per_epoch
+    eval_steps, ckpt_steps = max(1, round(cfg.eval_every * spe)), max(1, round(spe))
     log(f"{cfg.variant}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
-        f"{total:,} steps of {cfg.batch_size} on {device} "
-        f"({'bf16' if trainer.amp_dtype else 'fp32'}, compile {trainer.compiled}, "
-        f"kernels {cfg.kernels}) -> {out}")
-
-    # time budget: the whole run (start-up and final eval included) ends when the budget does
-    budget_end = start_time + cfg.time_budget if cfg.time_budget else None
-    eval_reserve, eval_s, eval_ips = 0.0, 0.0, None
-    progress_bar = Progress(dist.main)
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    train_start, last_log, last_log_step = clock(), clock(), step
-    sched_start_time = clock()
-    timing_step = step + 5  # when to time an eval batch (again after the step's cost changes)
-    result, stopped_by, shared_time = {}, None, 0.0
-
-    def time_eval():
-        """Seconds the final evaluation will take, from timing its first batch (of every rank)."""
-        n = min(1000, data["test_x"].shape[0] // dist.world_size)
-        t = clock()
-        trainer.evaluate(batch_size=n, limit=n)
-        return (clock() - t) * data["test_x"].shape[0] / (n * dist.world_size)
-
-    def time_share():
-        """Share of the time budget spent (0 without a budget)."""
-        if budget_end is None:
-            return 0.0
-        return (clock() - sched_start_time) / max(budget_end - eval_reserve - sched_start_time, 1e-9)
-
-    def progress_at(s):
-        # under torchrun: rank 0's time share as of the last sync, so that every rank computes
-        # the same learning rate and ends at the same step
-        return min(max((s + 1) / total, time_share() if dist.world_size == 1 else shared_time), 1.0)
-
-    def fault(what):
-        kept = (f"the last good checkpoint {ckpt_path} is intact" if os.path.exists(ckpt_path)
-                else "no checkpoint was written")
-        return UsageError(f"{what}; {kept} (try a lower --lr)")
-
-    def checkpoint(s):
-        # every rank takes part (weights checked, random streams gathered); rank 0 writes
-        if not trainer.all_finite(trainer.model.parameters()):
-            raise fault(f"non-finite weights after step {s}")
-        state = trainer.state_dict(s, prior_elapsed + clock() - train_start, {"skipped": skipped})
-        if dist.main:
-            save_checkpoint(state, ckpt_path)
-        if dist.world_size > 1:  # no rank moves on (or exits) before the file is in place
-            torch.distributed.barrier()
-
+        f"{total:,} steps of {cfg.batch_size} on {device} ({'bf16' if trainer.amp_dtype else 'fp32'}"
+        f", compile {trainer.compiled}, kernels {cfg.kernels}) -> {run.out}")
+    budget = Budget(cfg, total, step, start_time, clock, trainer.time_eval, dist.world_size)
+    meter = Meter(trainer, run, budget, skipped, prior_elapsed)
+    stopped_by = None
     with StopRequest() as stop:
         while step < total:
-            p = progress_at(step)
-            keep = keep_at(p, cfg)
-            if keep != trainer.model.token_keep and budget_end is not None:
-                timing_step = step + 5  # the steps' cost changes: the eval reserve's pace too
+            progress = budget.progress(step)
+            keep = keep_at(progress, cfg)
+            budget.before_step(step, keep)
             try:
-                loss = trainer.step(step, lr_at(p, cfg), skip_nonfinite=cfg.nan_policy == "skip",
-                                    token_keep=keep)
-                out_of_memory = False
-            except torch.cuda.OutOfMemoryError:  # probed once this handler lets go of the step
-                out_of_memory = True
-            if out_of_memory:
-                raise UsageError(trainer.out_of_memory_advice())
+                loss = trainer.step(step, lr_at(progress, cfg), token_keep=keep,
+                                    skip_nonfinite=cfg.nan_policy == "skip")
+            except torch.cuda.OutOfMemoryError as oom:
+                traceback.clear_frames(oom.__traceback__)  # free the failed step's tensors first
+                raise UsageError(trainer.out_of_memory_advice()) from None
             step += 1
-            if loss is None:
-                skipped += 1
-            else:
-                loss_sum += loss
-                loss_count += 1
-            if budget_end is not None and step == timing_step:
-                # the final eval's reserve: one eval batch timed after 5 steps, then rescaled by
-                # the training pace of each log window (below), as the machine's speed drifts
-                eval_s, eval_ips = time_eval(), None
-                eval_reserve = 2.0 + eval_s
-                last_log, last_log_step = clock(), step  # the timing is no training: pace after it
-            done = p >= 1.0 or step >= total
+            meter.add(loss)
+            budget.after_step(step)
+            done = progress >= 1.0 or step >= total
             # a lone process acts on a signal at once; under torchrun at the next log step, as
             # all ranks must stop at the same step and a signal may reach them a step apart
             stopping = stop.signum is not None and dist.world_size == 1
             # checkpoint steps are log steps too: a poisoned model is never saved
             if step % cfg.log_every == 0 or step % ckpt_steps == 0 or done or stopping:
-                mean_loss, stopping, shared_time = trainer.sync(  # the host sync
-                    loss_sum, loss_count, stop.signum is not None, time_share())
-                if not math.isfinite(mean_loss) and cfg.nan_policy == "stop":
-                    raise fault(f"non-finite loss {mean_loss} near step {step}")
-                now = clock()
-                ips = (step - last_log_step) * cfg.batch_size / max(now - last_log, 1e-9)
-                if budget_end is not None and step > timing_step:
-                    eval_ips = eval_ips or ips  # the pace when the eval batch was timed
-                    eval_reserve = 2.0 + eval_s * eval_ips / max(ips, 1e-9)
-                eta = (now - sched_start_time) * (1 - p) / max(p, 1e-9)
-                epoch = step / spe
-                progress_bar.show(f"step {step:,}/{total:,} | ep {epoch:.2f} | loss {mean_loss:.4f}"
-                                  f" | lr {lr_at(p, cfg):.2e} | {ips:,.0f} img/s | ETA {fmt_time(eta)}")
-                record("train", step=step, epoch=round(epoch, 4),
-                       loss=mean_loss if math.isfinite(mean_loss) else None,  # all skipped
-                       lr=lr_at(p, cfg), img_per_s=round(ips, 1),
-                       elapsed=round(prior_elapsed + now - train_start, 2), skipped=skipped)
-                loss_sum.zero_()
-                loss_count, last_log, last_log_step = 0, now, step
+                stopping = meter.log(step, progress, stop.signum is not None)
             if done:
                 break
             if stopping:
                 stopped_by = signal.Signals(stop.signum).name if stop.signum else "signal to another rank"
                 break
             if step % eval_steps == 0:
-                result = trainer.evaluate()
-                record("eval", step=step, epoch=round(step / spe, 4), **result)
-                progress_bar.show(f"step {step:,}: test accuracy {result['test_acc']:.2f}%")
+                result = meter.evaluation(step)
+                meter.bar.show(f"step {step:,}: test accuracy {result['test_acc']:.2f}%")
             if step % ckpt_steps == 0:
-                checkpoint(step)
-        progress_bar.done()
-        checkpoint(step)
-    wall = prior_elapsed + clock() - train_start
+                run.checkpoint(trainer, step, meter.elapsed(), meter.skipped)
+        meter.bar.done()
+        run.checkpoint(trainer, step, meter.elapsed(), meter.skipped)
     if stopped_by:
-        log(f"{stopped_by}: stopped at step {step:,}; checkpoint {ckpt_path}; "
-            f"continue with --resume {out}")
-        return {"stopped": stopped_by, "step": step, "out": out}
-    result = trainer.evaluate()
-    record("eval", step=step, epoch=round(step / spe, 4), **result)
+        log(f"{stopped_by}: stopped at step {step:,}; checkpoint {run.ckpt_path}; "
+            f"continue with --resume {run.out}")
+        return {"stopped": stopped_by, "step": step, "out": run.out}
+    return finish(trainer, run, meter, step, start_time, log)
+
+
+def finish(trainer: "Trainer", run: RunFolder, meter: Meter, step: int, start_time: float,
+           log) -> dict:
+    """The final evaluation, the summary record and file, and the last line printed."""
+    cfg, wall = trainer.cfg, meter.elapsed()
+    result = meter.evaluation(step)
     summary = {"variant": cfg.variant, "test_acc": round(result["test_acc"], 2),
-               "test_loss": round(result["test_loss"], 4), "steps": step, "skipped": skipped,
-               "train_s": round(wall, 1), "total_s": round(clock() - start_time, 1),
-               "img_per_s": round(step * cfg.batch_size / max(wall, 1e-9), 1), "out": out}
-    record("summary", **summary)
-    if dist.main:
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        metrics.close()
+               "test_loss": round(result["test_loss"], 4), "steps": step, "skipped": meter.skipped,
+               "train_s": round(wall, 1), "total_s": round(meter.budget.clock() - start_time, 1),
+               "img_per_s": round(step * cfg.batch_size / max(wall, 1e-9), 1), "out": run.out}
+    run.record("summary", **summary)
+    run.write_json("summary.json", summary)
+    run.close()
     log(f"summary: {cfg.variant} | test acc {summary['test_acc']:.2f}% | {step:,} steps | "
         f"train {summary['train_s']:.1f}s | total {summary['total_s']:.1f}s | "
-        f"{summary['img_per_s']:,.0f} img/s | {out}")
+        f"{summary['img_per_s']:,.0f} img/s | {run.out}")
     return summary
 
 

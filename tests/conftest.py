@@ -1,5 +1,7 @@
+import io
 import os
 import pickle
+import struct
 import sys
 import tarfile
 
@@ -30,22 +32,58 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# ----------------------------------------------------------------------------------------------
+# Tiny CIFAR-10 data sets in the official layout
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 str (BINSTRING), as the official batch files hold them."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def py2_pickle(obj) -> bytes:
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def write_archive(path, batches, folder="cifar-10-batches-py", meta=False):
+    """batches: file name -> batch dict (pickled as the official files are) or raw bytes."""
+    files = dict(batches)
+    if meta:
+        files["batches.meta"] = {b"label_names": [b"c%d" % i for i in range(10)],
+                                 b"num_cases_per_batch": 10000}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in files.items():
+            raw = obj if isinstance(obj, bytes) else py2_pickle(obj)
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return str(path)
+
+
+def write_folder(path, batches):
+    os.makedirs(path, exist_ok=True)
+    for name, obj in batches.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(obj if isinstance(obj, bytes) else py2_pickle(obj))
+    return str(path)
+
+
 @pytest.fixture
 def tiny_cifar(tmp_path):
-    """A CIFAR-10 archive in the official layout (Python-2 style pickles with bytes keys),
-    with 16 images per training batch and 20 test images, so a run takes seconds."""
+    """A CIFAR-10 archive with 16 images per training batch and 20 test images, so a run takes
+    seconds."""
     rng = np.random.default_rng(0)
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
     sizes = {f"data_batch_{i}": 16 for i in range(1, 6)}
     sizes["test_batch"] = 20
-    for name, n in sizes.items():
-        batch = {b"batch_label": name.encode(), b"data": rng.integers(0, 256, (n, 3072), np.uint8),
-                 b"labels": rng.integers(0, 10, n).tolist(),
-                 b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname="cifar-10-batches-py")
-    return str(archive)
+    batches = {name: {b"batch_label": name.encode(), b"data": rng.integers(0, 256, (n, 3072), np.uint8),
+                      b"labels": rng.integers(0, 10, n).tolist(),
+                      b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+               for name, n in sizes.items()}
+    return write_archive(tmp_path / "cifar-10-python.tar.gz", batches)

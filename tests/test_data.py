@@ -5,7 +5,6 @@ import io
 import os
 import pickle
 import sys
-import tarfile
 import urllib.error
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data_gpu  # noqa: E402
+from conftest import write_archive, write_folder  # noqa: E402
 from data_gpu import AA_OPS, DataError  # noqa: E402
 
 REAL_ARCHIVE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar-10-python.tar.gz")
@@ -30,24 +30,6 @@ def batch_dicts(per_batch=3, bytes_keys=True, seed=0):
     return {name: {key("data"): rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
                    key("labels"): [int(v) for v in rng.integers(0, 10, per_batch)],
                    key("batch_label"): b"tiny" if bytes_keys else "tiny"} for name in NAMES}
-
-
-def write_archive(path, batches, folder="cifar-10-batches-py"):
-    with tarfile.open(path, "w:gz") as tar:
-        for name, batch in batches.items():
-            raw = batch if isinstance(batch, bytes) else pickle.dumps(batch, protocol=2)
-            info = tarfile.TarInfo(f"{folder}/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return str(path)
-
-
-def write_folder(path, batches):
-    os.makedirs(path, exist_ok=True)
-    for name, batch in batches.items():
-        with open(os.path.join(path, name), "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-    return str(path)
 
 
 def expected(batches, key=b"data", labels=b"labels"):

@@ -11,8 +11,6 @@ import pickle
 import shutil
 import signal
 import socket
-import struct
-import tarfile
 import time
 
 import numpy as np
@@ -22,6 +20,7 @@ import torch.multiprocessing as mp
 
 import data_gpu
 import speedrun as S
+from conftest import write_archive, write_folder
 
 N_TRAIN, N_TEST = 64, 32
 # 4 steps an epoch, 12 in all; checkpoints at 4, 8, 12; a log line and host sync every step
@@ -32,34 +31,12 @@ TINY = ["--width", "32", "--depth", "1", "--heads", "2", "--patch-size", "8", "-
 TIMING_KEYS = {"img_per_s", "elapsed", "train_s", "total_s", "out"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: faster than two on a shared 2-core machine, and the same in every run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread: faster than two on a shared 2-core machine, and the same in every run
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
 # A synthetic CIFAR-10 in the official layout
-
-class _Py2Pickler(pickle._Pickler):
-    """Writes bytes as Python 2 str (BINSTRING), as the official batch files hold them."""
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_bytes(self, obj):
-        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_bytes
-
-
-def py2_pickle(obj) -> bytes:
-    buffer = io.BytesIO()
-    _Py2Pickler(buffer, protocol=2).dump(obj)
-    return buffer.getvalue()
-
 
 def make_batches(seed=0):
     """name -> batch dict; the red plane is darker for higher labels, so a model can learn."""
@@ -74,28 +51,10 @@ def make_batches(seed=0):
     return batches
 
 
-def write_archive(path, batches, folder="cifar-10-batches-py"):
-    with tarfile.open(path, "w:gz") as tar:
-        meta = {b"label_names": [b"c%d" % i for i in range(10)], b"num_cases_per_batch": 10000}
-        for name, obj in list(batches.items()) + [("batches.meta", meta)]:
-            raw = obj if isinstance(obj, bytes) else py2_pickle(obj)
-            info = tarfile.TarInfo(f"{folder}/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return str(path)
-
-
-def write_folder(path, batches):
-    os.makedirs(path)
-    for name, obj in batches.items():
-        with open(os.path.join(path, name), "wb") as f:
-            f.write(obj if isinstance(obj, bytes) else py2_pickle(obj))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    return write_archive(tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz", make_batches())
+    return write_archive(tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz", make_batches(),
+                         meta=True)
 
 
 @pytest.fixture(scope="module")
@@ -494,10 +453,10 @@ def test_out_of_memory_names_a_batch_size_that_fits(archive, tmp_path, monkeypat
     """CUDA's OutOfMemoryError, faked on CPU: a forward of more than 4 images 'does not fit'."""
     real_forward = S.ViT.forward
 
-    def forward(self, x):
+    def forward(self, x, **kwargs):
         if self.training and x.shape[0] > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward(self, x)
+        return real_forward(self, x, **kwargs)
     monkeypatch.setattr(S.ViT, "forward", forward)
     refused(capsys, ["--data", archive, "--out", str(tmp_path / "run")] + TINY,
             "out of memory at --batch-size 16; a batch of 4 fits: try --batch-size 4", mid_run=True)

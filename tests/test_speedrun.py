@@ -332,12 +332,12 @@ def test_token_keep_drops_patch_tokens_in_training_only(patch_embed):
     torch.manual_seed(0)
     small = dict(num_cls=2, width=32, heads=2, depth=1, patch_embed=patch_embed)
     full = S.build_model(S.resolve_config("cpu-speedrun", **small))
-    half = S.build_model(S.resolve_config("cpu-speedrun", token_keep=0.5, **small))
+    half = S.build_model(S.resolve_config("cpu-speedrun", **small))
     half.load_state_dict(full.state_dict())
     x = torch.randn(4, 3, 32, 32)
     seen = []
     half.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    half.train()(x)
+    half.train()(x, token_keep=0.5)
     tokens = seen[0]
     assert tokens.shape == (4, 2 + 32, 32)
     embedded = full.eval().patch_tokens(x)
@@ -347,7 +347,7 @@ def test_token_keep_drops_patch_tokens_in_training_only(patch_embed):
     kept = [set(d.argmin(-1).tolist()) for d in dist]
     assert all(len(k) == 32 for k in kept) and len({frozenset(k) for k in kept}) > 1
     full.eval(), half.eval()
-    assert torch.equal(half(x), full(x))
+    assert torch.equal(half(x, token_keep=0.5), full(x))
 
 
 def test_bf16_and_fp32_give_the_same_first_loss(one_thread):
