@@ -58,13 +58,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                              "--set width=32 depth=1 heads=2 (names as in `python speedrun.py "
                              "--help`, dashes or underscores)")
     parser.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA when present [auto]")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                        help="autocast dtype; auto, as the trainer: bf16 on CUDA and on CPUs with "
-                             "AMX/AVX512-BF16 units, fp32 elsewhere [auto]")
-    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                        help="torch.compile the model; auto: on for CUDA, off on CPU [auto]")
-    parser.add_argument("--kernels", default="auto", choices=("auto", "triton", "torch"),
-                        help="attention/low-rank kernels; auto: Triton on CUDA, PyTorch on CPU [auto]")
+    for name in ("precision", "compile", "kernels"):  # the trainer's own flags, help and choices
+        field = speedrun.CONFIG_FIELDS[name]
+        parser.add_argument(f"--{name}", default=field.default, choices=field.metadata["choices"],
+                            help=f"{field.metadata['help']} [{field.default}]")
     parser.add_argument("--data", default="",
                         help="cifar-10-python.tar.gz (or its extracted folder) to draw batches from; "
                              "default: synthetic random uint8 images of the right shape, which cost "

@@ -78,7 +78,8 @@ class PlainViT(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def forward(self, x):
+    def forward(self, x, token_keep: float = 1.0):
+        assert token_keep == 1.0, "the plain layout trains on every token (layout_mismatches)"
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
@@ -87,7 +88,7 @@ class PlainViT(nn.Module):
 
 # config fields the plain layout cannot express, with the value it needs
 PLAIN_LAYOUT = {"patch_embed": "conv", "pos_emb": "learned", "mla": "", "lsa": False,
-                "cait_blocks": 0, "pool": "cls"}
+                "cait_blocks": 0, "pool": "cls", "whiten": False, "token_keep": 1.0}
 
 
 def layout_mismatches(cfg) -> list:

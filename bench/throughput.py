@@ -68,16 +68,14 @@ def our_trainer(cfg, data, device):
 
 
 def plain_trainer(cfg, data, device):
-    """A Trainer whose model is the plain layout: eager, fp32, same optimizer recipe. Swapping the
-    model inside a Trainer keeps the data path, loss and step code identical to ours."""
-    trainer = speedrun.Trainer(dataclasses.replace(cfg, precision="fp32", compile="off"), data,
-                               device)
-    model = reference_model.from_config(cfg).to(device)
-    ours, plain = (sum(p.numel() for p in m.parameters()) for m in (trainer.model, model))
+    """A Trainer of the plain layout: eager, fp32, same optimizer recipe, data path, loss and
+    step code as ours."""
+    model = reference_model.from_config(cfg)
+    ours = sum(p.numel() for p in speedrun.build_model(cfg).parameters())
+    plain = sum(p.numel() for p in model.parameters())
     assert plain == ours, f"plain layout has {plain:,} parameters, ours {ours:,}"
-    trainer.model = trainer.net = model
-    trainer.optimizer = speedrun.make_optimizer(model, trainer.cfg, device)
-    return trainer
+    return speedrun.Trainer(dataclasses.replace(cfg, precision="fp32", compile="off"), data,
+                            device, model=model)
 
 
 def reset_peak(device):
@@ -135,7 +133,9 @@ def run_one(make, cfg, data, device, timing) -> dict:
     error = None
     try:
         trainer = make(cfg, data, device)
-        return measure(trainer, timing)
+        decided = {"precision": "bf16" if trainer.amp_dtype else "fp32",
+                   "compile": trainer.compiled, "kernels": trainer.kernels}
+        return {**decided, **measure(trainer, timing)}
     except (RuntimeError, MemoryError) as e:
         if not common.is_out_of_memory(e):
             raise
@@ -308,32 +308,28 @@ def run(argv=None) -> int:
     out = args.out or common.default_out("throughput", cfg, device)
     os.makedirs(out, exist_ok=True)
 
-    precision = "bf16" if speedrun.pick_precision(cfg.precision, device) else "fp32"
-    compiled = speedrun.pick_compile(cfg.compile, device)
     report = {
         "variant": cfg.variant, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)",
-        "torch": torch.__version__, "precision": precision, "compile": compiled,
-        "kernels": cfg.kernels, "data": args.data or "synthetic",
+        "torch": torch.__version__, "data": args.data or "synthetic",
         "timing": dict(zip(("warmup", "repeats", "steps"), timing)),
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"},
         "compare_reference": args.compare_reference,
-        "reference_differs": (f"plain = separate q/k/v Linear, explicit matmul/softmax/matmul, "
-                              f"eager, fp32{', TF32 matmuls off' if cuda else ''}; ours = fused "
-                              f"qkv Linear, kernels {cfg.kernels}, {precision}, compile "
-                              f"{'on' if compiled else 'off'}; same data path, loss, optimizer, "
-                              f"batch and device"),
         "paper": {"device": common.PAPER_DEVICE, "what": "baseline, forward pass",
                   "table1": {str(b): {"forward_img_s": r, "memory_gb": g}
                              for b, (r, g) in common.PAPER_TABLE1.items()}},
         "results": [],
     }
-    print(f"throughput: {cfg.variant} on {report['device_name']}, {precision}, compile "
-          f"{'on' if compiled else 'off'}, batch sizes {' '.join(map(str, batch_sizes))} -> {out}")
+    print(f"throughput: {cfg.variant} on {report['device_name']}, batch sizes "
+          f"{' '.join(map(str, batch_sizes))} -> {out}")
     for bs in batch_sizes:
         row = {"batch_size": bs}
         with common.tf32_matmuls(device, True):
             row["ours"] = run_one(our_trainer, configs[bs], data, device, timing)
+        if "precision" not in report and "precision" in row["ours"]:  # what the trainer chose
+            report.update({k: row["ours"][k] for k in ("precision", "compile", "kernels")})
+            print(f"throughput: {report['precision']}, compile {'on' if report['compile'] else 'off'},"
+                  f" kernels {report['kernels']} (the trainer's choices)")
         if args.compare_reference:
             with common.tf32_matmuls(device, False):
                 row["reference"] = run_one(plain_trainer, configs[bs], data, device, timing)
@@ -344,6 +340,15 @@ def run(argv=None) -> int:
         report["results"].append(row)
         print(progress_line(row), flush=True)
 
+    report.setdefault("precision", "—")  # no trainer was ever built (every batch ran out of memory)
+    report.setdefault("compile", None)
+    report.setdefault("kernels", "—")
+    if args.compare_reference:
+        report["reference_differs"] = (
+            f"plain = separate q/k/v Linear, explicit matmul/softmax/matmul, eager, fp32"
+            f"{', TF32 matmuls off' if cuda else ''}; ours = fused qkv Linear, kernels "
+            f"{report['kernels']}, {report['precision']}, compile "
+            f"{'on' if report['compile'] else 'off'}; same data path, loss, optimizer, batch and device")
     table = markdown(report)
     common.write_json(os.path.join(out, "results.json"), report)
     with open(os.path.join(out, "table.md"), "w") as f:

@@ -219,7 +219,7 @@ def run(argv=None) -> int:
     precision = "bf16" if trainer.amp_dtype else "fp32"
     label = f"{device.type}, {cfg.variant}, batch {batch_size}"
     print(f"profile: {cfg.variant} on {device}, batch {batch_size}, {precision}, compile "
-          f"{'on' if speedrun.pick_compile(cfg.compile, device) else 'off'}: "
+          f"{'on' if trainer.compiled else 'off'}, kernels {trainer.kernels}: "
           f"{args.wait} wait + {args.warmup} warm-up + {args.active} active steps")
     profile_steps(trainer, args.wait, args.warmup, args.active, trace_path)
 

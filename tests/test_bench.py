@@ -12,7 +12,7 @@ import precision as Pr
 import trace_step as P
 import throughput as T
 
-TINY = ["--set", "width=32", "depth=1", "heads=2", "--device", "cpu", "--threads", "1"]
+TINY = ["--set", "width=32", "depth=1", "heads=2", "--device", "cpu", "--compile", "off", "--threads", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
