@@ -157,22 +157,14 @@ VARIANTS = {
     "cait": Variant("last 2 blocks are class-attention blocks (CaiT)", {"cait_blocks": 2}),
     "gap": Variant("head reads the mean of patch tokens, no CLS (BinaryViT)",
                    {"pool": "gap", "num_cls": 0}),
-    # 10 minutes on 2 CPU cores and the model is still underfit at the end, so every choice
-    # buys images/s or faster fitting (measured: README, CPU speedrun): each training image
-    # keeps a random quarter of its patch tokens (PatchDropout: ~3x the images/s, +7 points at
-    # 240 s) except over the last 10 % of the time, which trains on all 64 as evaluation sees
-    # them; width 96 (fits more passes than 128), whitened patch filters (decorrelated inputs
-    # from step 0), flips only (crops cost 4 points here; AutoAugment, mixing, erasing, label
-    # smoothing and drop-path regularise, which pays off only over long runs), a 5 % warm-up,
-    # one evaluation at the end, scored on each image and its mirror. 30 epochs is a cap the
-    # budget always meets first (a fast phase of this VM ran 3,000 img/s, close to 10 epochs)
+    # ten minutes leave the model underfit, so every choice buys images/s or faster fitting
+    # rather than regularisation (the measurements: bench/README.md, CPU speedrun); 30 epochs is
+    # a cap the time budget always meets first
     "cpu-speedrun": Variant("10-minute CPU preset: width 96, depth 6, 2 heads, whitened patches, "
                             "a quarter of the tokens but for the last 10 %, flips only, flip TTA, "
                             "schedule fitted to --time-budget (600 s)", CPU_SPEEDRUN),
-    # a CPU without bf16 units trains in fp32 at about half the images/s, so the same 10 minutes
-    # favour cheaper images still: an eighth of the tokens and 4 blocks (on a 2-core AVX2 EPYC,
-    # seed 0: 67.23 % for cpu-speedrun, 68.38 % with keep 0.125, 69.19 % adding depth 4, 70.41 %
-    # once only kept patches were embedded; 70.59 % over 3 seeds)
+    # fp32 runs at about half the images/s of bf16, so the same ten minutes favour cheaper
+    # images still (bench/README.md, CPU without bf16 units)
     "cpu-speedrun-fp32": Variant("cpu-speedrun for CPUs without bf16 units (fp32): depth 4, an "
                                  "eighth of the tokens but for the last 10 %",
                                  {**CPU_SPEEDRUN, "depth": 4, "token_keep": 0.125}),
@@ -466,8 +458,7 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device):
     if cfg.optimizer == "lion":
         from lion_pytorch import Lion  # its Triton update runs on CUDA
         return Lion(groups, lr=cfg.lr, use_triton=device.type == "cuda")
-    # fused: one kernel over all tensors; on CPU 1.4 vs 7.2 ms a step for the cpu-speedrun model
-    # (its whole step is ~50-130 ms), equal to the foreach update within fp32 rounding
+    # fused: one kernel over all tensors, on CPU too (about 5x faster than foreach there)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
 
 
@@ -528,10 +519,9 @@ def pick_precision(requested: str, device: torch.device, cpu_flags: set = None):
     return torch.bfloat16 if requested == "bf16" else None
 
 
-# On the 2-core AMX CPU torch.compile costs ~40 s and gains ~9 % (152 vs 139 img/s, baseline
-# bf16): it pays back only in runs of about half an hour or more.
+# on a 2-core CPU torch.compile costs ~40 s and gains ~9 %: it pays back only in long runs
 CPU_COMPILE_PAYBACK_S = 1800
-CPU_IMG_PER_S = 150  # rough baseline speed on that CPU, to turn planned steps into seconds
+CPU_IMG_PER_S = 150  # rough baseline speed on such a CPU, to turn planned steps into seconds
 
 
 def pick_compile(requested: str, device: torch.device, planned_s: float = 0.0) -> bool:
