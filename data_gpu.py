@@ -2,11 +2,12 @@
 
 source (archive, extracted folder or download) -> decode once into a uint8 cache next to it
 -> the data set as uint8 tensors -> per step, on the device: flip, crop, AutoAugment (CIFAR-10
-policy, PIL semantics), normalise, random erasing -> CutMix/MixUp with host-drawn lam
+policy, PIL semantics), normalise, random erasing -> CutMix/MixUp, chosen without a branch
 -> a stateless repeated-pass sampler (batch = f(seed, step), so resume needs no sampler state).
 
-Augmentation never loops over images and never syncs with the host: every image draws its own
-randomness from a torch.Generator on the device, so a run is exact given the generator's state.
+Augmentation never loops over images and never syncs with the host. Its randomness is a pure
+function of a key made from (seed, rank, step) on the device (`Draws`): no generator state to
+save, nothing a compiled graph cannot trace, and a CUDA graph replays it afresh every step.
 """
 import contextlib
 import functools
@@ -61,6 +62,56 @@ def atomic_write(path: str, mode: str = "wb"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------- randomness
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for int64 x in [0, 2^32): two 16-bit halves of c, so nothing overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def hash32(x):
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit values: every input bit
+    reaches every output bit, so consecutive counters give independent-looking numbers."""
+    x = _mul32(x ^ (x >> 16), 0x85EBCA6B)
+    x = _mul32(x ^ (x >> 13), 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def step_key(seed_key, step):
+    """The key of one step's draws: seed_key (from seed_key_for) mixed with the step, both int64
+    tensors on the device, so a graph that increments `step` draws afresh at every replay."""
+    return hash32((seed_key ^ hash32(step & _MASK32)) & _MASK32)
+
+
+def seed_key_for(seed: int, rank: int, device) -> torch.Tensor:
+    return hash32(torch.tensor((seed * 1000003 + rank) & _MASK32, dtype=torch.int64, device=device))
+
+
+class Draws:
+    """Random numbers from a key: element i of draw k is hash(hash(key + k·φ) + i). The same key
+    gives the same numbers eagerly, compiled or replayed; each call is a new draw."""
+
+    def __init__(self, key: torch.Tensor):
+        self.key, self.count = key, 0
+
+    def _bits(self, shape) -> torch.Tensor:
+        self.count += 1
+        base = hash32((self.key + self.count * 0x9E3779B9) & _MASK32)
+        index = torch.arange(math.prod(shape), dtype=torch.int64, device=self.key.device)
+        return hash32((base + index) & _MASK32).view(shape)
+
+    def rand(self, *shape) -> torch.Tensor:
+        """Uniform float32 in [0, 1), 24 random bits each."""
+        return (self._bits(shape) >> 8).float() * 2.0 ** -24
+
+    def randint(self, low: int, high: int, shape) -> torch.Tensor:
+        """Uniform int64 in [low, high) (bias below 2^-24 for the small ranges used here)."""
+        return low + ((self._bits(shape) >> 8) * (high - low) >> 24)
 
 
 # ----------------------------------------------------------------------------- source
@@ -315,9 +366,20 @@ def _op_param(op, level, sign):
     return value  # rotate turns counter-clockwise only, as in the paper's code
 
 
-@functools.lru_cache(maxsize=None)
-def _consts(device, size=(32, 32)):
-    """Per-device (and image size) constants, built once: the hot path never copies from the host."""
+_CONSTS = {}
+
+
+def device_constants(device, size=(32, 32)):
+    """Per-device (and image size) constants, built once: the hot path never copies from the host.
+    (A plain dict, not lru_cache: a compiled graph reads it; torch.compile would retrace a cached
+    function's body.)"""
+    key = (torch.device(device), tuple(size))
+    if key not in _CONSTS:
+        _CONSTS[key] = _build_constants(*key)
+    return _CONSTS[key]
+
+
+def _build_constants(device, size):
     tensor = functools.partial(torch.tensor, device=device)
     # the policy as tables over (sub-policy, stage, sign): op id, probability, PIL argument, and
     # for translate/rotate the whole affine matrix (identity for the other ops)
@@ -337,7 +399,7 @@ def _consts(device, size=(32, 32)):
 
 def normalize(x):
     """uint8 (or float in [0, 255]) images -> float32 normalised with MEAN/STD, on x's device."""
-    c = _consts(x.device)
+    c = device_constants(x.device)
     return (x.float() - c.mean) / c.std
 
 
@@ -402,7 +464,7 @@ def _point_table(x, chosen, p):
     An image has at most one op, so the ops chain with identity arguments where not chosen:
     blend with black or the mean grey (factor 1), posterize (8 bits), solarize (threshold 256).
     """
-    levels, p = _consts(x.device).levels, p.to(x.dtype)
+    levels, p = device_constants(x.device).levels, p.to(x.dtype)
     pick = lambda name, value, other: torch.where(chosen[name], value, other) if name in chosen else other
     factor = pick("contrast", p, pick("brightness", p, torch.ones_like(p)))
     mean = torch.floor(_grey(x).mean((1, 2, 3)) + 0.5) if "contrast" in chosen else None  # PIL rounds it
@@ -483,7 +545,7 @@ AA_OPS |= {op: lambda x, p, op=op: _apply_lut(x, _point_table(x, {op: torch.ones
            for op in _LUTS}
 
 
-def _autoaugment(x, gen):
+def _autoaugment(x, draws):
     """One uniformly drawn sub-policy per image; each op of it fires with its own probability.
 
     An image runs at most one op per stage, so each op kind runs once on the whole batch with
@@ -491,10 +553,10 @@ def _autoaugment(x, gen):
     identity matrix, blend factor 1, identity table): no host sync, no per-image loop.
     """
     B, dev = x.shape[0], x.device
-    c = _consts(dev, tuple(x.shape[-2:]))
-    policy = torch.randint(0, len(_POLICY), (B,), generator=gen, device=dev)
-    coin = torch.rand(B, 2, generator=gen, device=dev)
-    sign = torch.randint(0, 2, (B, 2), generator=gen, device=dev)
+    c = device_constants(dev, tuple(x.shape[-2:]))
+    policy = draws.randint(0, len(_POLICY), (B,))
+    coin = draws.rand(B, 2)
+    sign = draws.randint(0, 2, (B, 2))
     for s in range(2):
         op = torch.where(coin[:, s] < c.prob[policy, s], c.op[policy, s], -1)
         param = c.param[policy, s, sign[:, s]]  # float64 like PIL's geometry; ops cast as PIL does
@@ -517,15 +579,15 @@ def _autoaugment(x, gen):
     return x
 
 
-def _flip_crop(x, gen, flip, pad):
+def _flip_crop(x, draws, flip, pad):
     """Random mirror, then a random crop of the zero-padded image: one gather for both."""
     B, _, H, W = x.shape
     rows = torch.arange(H, device=x.device).expand(B, H)
     cols = torch.arange(W, device=x.device).expand(B, W)
-    mirror = torch.rand(B, 1, generator=gen, device=x.device) < 0.5 if flip else None
+    mirror = draws.rand(B, 1) < 0.5 if flip else None
     if pad:
         x = F.pad(x, (pad, pad, pad, pad))
-        offset = torch.randint(0, 2 * pad + 1, (2, B, 1), generator=gen, device=x.device)
+        offset = draws.randint(0, 2 * pad + 1, (2, B, 1))
         rows, cols = rows + offset[0], cols + offset[1]
     if flip:  # a mirrored padded image is the padded image read right to left
         cols = torch.where(mirror, W + 2 * pad - 1 - cols, cols)
@@ -533,11 +595,11 @@ def _flip_crop(x, gen, flip, pad):
     return _gather_pixels(x, index).view(B, -1, H, W)
 
 
-def _random_erase(x, gen, prob, tries=100):
+def _random_erase(x, draws, prob, tries=100):
     """Random erasing as the reference code: first of `tries` boxes that fits, filled with MEAN."""
     B, _, H, W = x.shape
     dev = x.device
-    u = torch.rand(4, B, tries, generator=gen, device=dev)
+    u = draws.rand(4, B, tries)
     area = H * W * (0.02 + 0.38 * u[0])
     aspect = 0.3 + (1 / 0.3 - 0.3) * u[1]  # uniform, as REFERENCE.md and the reference code
     h, w = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
@@ -546,47 +608,54 @@ def _random_erase(x, gen, prob, tries=100):
     picked = torch.stack((h, w, u[2], u[3]), -1)[torch.arange(B, device=dev), first]
     h, w, uy, ux = picked.view(B, 4, 1, 1).unbind(1)
     top, left = torch.floor(uy * (H - h + 1)), torch.floor(ux * (W - w + 1))
-    erase = (torch.rand(B, generator=gen, device=dev) < prob) & fits.any(1)
+    erase = (draws.rand(B) < prob) & fits.any(1)
     ys = torch.arange(H, device=dev, dtype=x.dtype).view(1, H, 1)
     xs = torch.arange(W, device=dev, dtype=x.dtype).view(1, 1, W)
     box = (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w) & erase.view(B, 1, 1)
-    return torch.where(box[:, None], _consts(dev).erase_fill, x)
+    return torch.where(box[:, None], device_constants(dev).erase_fill, x)
 
 
-def augment(x, gen, *, flip=True, crop_pad=4, autoaugment=True, erase_prob=0.25):
-    """uint8 (B,3,32,32) on the device -> float32 normalised, augmented per image with `gen` (same device).
+def augment(x, draws, *, flip=True, crop_pad=4, autoaugment=True, erase_prob=0.25):
+    """uint8 (B,3,32,32) on the device -> float32 normalised, augmented per image from `draws`.
 
     Order of the paper: flip -> crop from the zero-padded image -> AutoAugment -> normalise -> erasing.
     """
-    x = _flip_crop(x, gen, flip, crop_pad).float()
+    x = _flip_crop(x, draws, flip, crop_pad).float()
     if autoaugment:
-        x = _autoaugment(x, gen)
+        x = _autoaugment(x, draws)
     x = normalize(x)
-    return _random_erase(x, gen, erase_prob) if erase_prob > 0 else x
+    return _random_erase(x, draws, erase_prob) if erase_prob > 0 else x
 
 
-def mix(x, y, num_classes, rng, *, mix_prob=0.5, cutmix=True, mixup=True):
+def mix(x, y, num_classes, draws, *, mix_prob=0.5, cutmix=True, mixup=True):
     """CutMix or MixUp on a float batch -> (x, soft targets (B, num_classes) without smoothing).
 
-    The partner of image i is image B-1-i (x.flip(0)): the sampler already shuffles, and no index
-    tensor has to reach the device. All draws come from the host rng, always the same 5 per call.
+    Per batch, as the paper's code: mixed with probability mix_prob, then CutMix or MixUp with
+    equal odds (the one allowed, if only one is), lam ~ Beta(1, 1), a box centred uniformly.
+    Every outcome is computed and one chosen with torch.where: no branch depends on a draw, so
+    the host never waits and a graph holds the whole decision. The partner of image i is image
+    B-1-i (x.flip(0)): the sampler already shuffles, and no index tensor is needed.
     """
-    coin, pick, lam = rng.random(), rng.random(), float(rng.beta(1.0, 1.0))
-    centre_y, centre_x = rng.integers(x.shape[-2]), rng.integers(x.shape[-1])
-    onehot = torch.zeros(len(y), num_classes, device=y.device).scatter_(1, y[:, None], 1.0)
-    if coin >= mix_prob or not (cutmix or mixup):
-        return x, onehot
+    B, _, H, W = x.shape
+    coin, pick, lam = draws.rand(3).unbind()
+    centre = draws.randint(0, 1 << 20, (2,))
+    centre_y, centre_x = centre[0] % H, centre[1] % W
+    onehot = torch.zeros(B, num_classes, device=y.device).scatter_(1, y[:, None], 1.0)
     partner = x.flip(0)
-    if cutmix and (not mixup or pick < 0.5):
-        H, W = x.shape[-2:]
-        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        y0, y1 = (min(max(int(v), 0), H) for v in (centre_y - cut_h // 2, centre_y + cut_h // 2))
-        x0, x1 = (min(max(int(v), 0), W) for v in (centre_x - cut_w // 2, centre_x + cut_w // 2))
-        x = x.clone()
-        x[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # the exact pasted share
-    else:
-        x = lam * x + (1 - lam) * partner
+    # CutMix: the box of side sqrt(1 - lam) clipped to the image; lam becomes the kept share
+    cut = (1 - lam).sqrt()
+    half_h, half_w = (H * cut).floor().long() // 2, (W * cut).floor().long() // 2
+    y0, y1 = (centre_y - half_h).clamp(0, H), (centre_y + half_h).clamp(0, H)
+    x0, x1 = (centre_x - half_w).clamp(0, W), (centre_x + half_w).clamp(0, W)
+    rows = torch.arange(H, device=x.device).view(H, 1)
+    cols = torch.arange(W, device=x.device).view(1, W)
+    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    lam_cut = 1 - ((y1 - y0) * (x1 - x0)).float() / (H * W)
+    use_cut = (pick < 0.5) if (cutmix and mixup) else torch.tensor(cutmix, device=x.device)
+    mixed = coin < (mix_prob if (cutmix or mixup) else 0.0)
+    x = torch.where(mixed & use_cut, torch.where(box, partner, x),
+                    torch.where(mixed, torch.lerp(partner, x, lam), x))
+    lam = torch.where(mixed, torch.where(use_cut, lam_cut, lam), 1.0)
     return x, lam * onehot + (1 - lam) * onehot.flip(0)
 
 
@@ -597,6 +666,8 @@ class RepeatedPassSampler:
 
     Pass p is torch.randperm(n) seeded from (seed, p); global batch s is stream positions
     [s*B, (s+1)*B), possibly spanning passes; rank r takes every world_size-th of them.
+    `indices(step)` serves a host step; `stream(steps)` lays the whole run's stream on the device
+    once, so that `indices_at(stream, step)` serves a step counter that lives there.
     """
 
     def __init__(self, n, batch_size, seed, device, rank=0, world_size=1):
@@ -606,10 +677,13 @@ class RepeatedPassSampler:
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
         self._passes = {}
 
+    def _host_permutation(self, p):
+        state = np.random.SeedSequence([self.seed, p]).generate_state(1, np.uint64)[0]
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(int(state)))
+
     def _permutation(self, p):
         if p not in self._passes:
-            state = np.random.SeedSequence([self.seed, p]).generate_state(1, np.uint64)[0]
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(int(state)))
+            perm = self._host_permutation(p)
             if self.device.type == "cuda":  # pinned memory: the copy does not stall the device stream
                 perm = perm.pin_memory()
             self._passes[p] = perm.to(self.device, non_blocking=True)
@@ -622,6 +696,17 @@ class RepeatedPassSampler:
         self._passes = {p: self._passes[p] for p in passes}  # keep the current (and next) pass only
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
         return batch[self.rank::self.world_size]
+
+    def stream(self, steps: int) -> torch.Tensor:
+        """The image indices of the first `steps` batches, pass after pass, int32 on the device
+        (the full 100-epoch recipe: 300 passes, 60 MB)."""
+        passes = -(-steps * self.batch_size // self.n)
+        return torch.cat([self._host_permutation(p) for p in range(passes)]).int().to(self.device)
+
+    def indices_at(self, stream: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """indices(step) for a step held in a device tensor: a gather, no host in the loop."""
+        offsets = torch.arange(self.rank, self.batch_size, self.world_size, device=stream.device)
+        return stream[step * self.batch_size + offsets].long()
 
 
 def steps_for(epochs, batch_size, n=50000, passes_per_epoch=3):

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -448,7 +449,35 @@ def whiten_patch_embed(model: ViT, images_u8: torch.Tensor, eps: float = 5e-4) -
 # ----------------------------------------------------------------------------------------------
 # Optimisation: AdamW/Lion, warm-up + cosine, soft-target cross-entropy
 
-def make_optimizer(model: nn.Module, cfg: Config, device: torch.device):
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023): step along the sign of momentum and gradient interpolated, then
+    update the momentum; decoupled weight decay. Foreach over all tensors, and lr may be a device
+    tensor: nothing in the step needs the host, so a CUDA graph can hold it."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            momenta = [self.state[p].setdefault("exp_avg", torch.zeros_like(p)) for p in params]
+            (beta1, beta2), lr = group["betas"], group["lr"]
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            updates = torch._foreach_lerp(momenta, grads, 1 - beta1)
+            torch._foreach_sign_(updates)
+            torch._foreach_mul_(updates, lr)
+            torch._foreach_sub_(params, updates)
+            torch._foreach_lerp_(momenta, grads, 1 - beta2)
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device,
+                   lr: Optional[torch.Tensor] = None):
+    """lr: a device tensor the step writes, so the schedule needs no host (default: cfg.lr)."""
+    lr = torch.tensor(cfg.lr, device=device) if lr is None else lr
     # decay weight matrices only: biases, norms, CLS and position tokens stay free
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.dim() >= 2 and "token" not in n and "pos_embed" not in n]
@@ -456,19 +485,22 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device):
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": rest, "weight_decay": 0.0}]
     if cfg.optimizer == "lion":
-        from lion_pytorch import Lion  # its Triton update runs on CUDA
-        return Lion(groups, lr=cfg.lr, use_triton=device.type == "cuda")
-    # fused: one kernel over all tensors, on CPU too (about 5x faster than foreach there)
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
+        return Lion(groups, lr=lr)
+    # fused: one kernel over all tensors, on CPU too (about 5x faster than foreach there);
+    # capturable: its step count and lr stay on the GPU, as a CUDA graph needs
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cuda", "cpu"),
+                             capturable=device.type == "cuda")
 
 
-def lr_at(progress: float, cfg: Config) -> float:
-    """Linear warm-up for warmup_epochs/epochs of the run, then cosine down to min_lr at 1.0."""
+def lr_at(progress, cfg: Config):
+    """Linear warm-up for warmup_epochs/epochs of the run, then cosine down to min_lr at 1.0.
+    progress: a float (the host's log) or a device tensor (the step's own schedule)."""
     warm = min(cfg.warmup_epochs / cfg.epochs, 0.5)
-    if progress < warm:
-        return cfg.lr * progress / warm
-    t = min(1.0, (progress - warm) / max(1e-12, 1 - warm))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+    p = torch.as_tensor(progress, dtype=torch.float64)
+    t = ((p - warm) / max(1e-12, 1 - warm)).clamp(0.0, 1.0)
+    cosine = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + torch.cos(math.pi * t))
+    lr = torch.where(p < warm, cfg.lr * p / max(warm, 1e-12), cosine)
+    return lr if torch.is_tensor(progress) else lr.item()
 
 
 def keep_at(progress: float, cfg: Config) -> float:
@@ -524,6 +556,9 @@ CPU_COMPILE_PAYBACK_S = 1800
 CPU_IMG_PER_S = 150  # rough baseline speed on such a CPU, to turn planned steps into seconds
 
 
+COMPILE = {"dynamic": False}  # torch.compile's options (tests pick a cheaper backend here)
+
+
 def pick_compile(requested: str, device: torch.device, planned_s: float = 0.0) -> bool:
     """auto: always on CUDA; on CPU only for runs planned to last CPU_COMPILE_PAYBACK_S or more."""
     if requested != "auto":
@@ -563,9 +598,14 @@ def init_distributed(device_name: str) -> Dist:
 # Training step and evaluation
 
 class Trainer:
-    """Holds everything a step needs; `step(s, lr)` is the whole hot path (no host syncs).
-    Its decisions are attributes for benchmarks to read: amp_dtype, compiled, kernels.
-    model: another nn.Module to train in the same loop (a benchmark's plain reference model)."""
+    """Holds everything a step needs; `step(s)` is the whole hot path (no host syncs).
+    Its decisions are attributes for benchmarks to read: amp_dtype, compiled, kernels, graphs.
+    model: another nn.Module to train in the same loop (a benchmark's plain reference model).
+
+    The step reads nothing from the host. A step counter on the device picks the batch from the
+    run's sample stream, keys its random draws and sets the learning rate; the step increments
+    it. So the step is one function of device tensors: compiled as one graph (per token share),
+    and on CUDA recorded once as a CUDA graph that each step replays."""
 
     def __init__(self, cfg: Config, data: dict, device: torch.device, dist: Dist = Dist(),
                  model: Optional[nn.Module] = None):
@@ -577,7 +617,11 @@ class Trainer:
         self.model = (model or build_model(cfg)).to(device)
         if cfg.whiten:
             whiten_patch_embed(self.model, self.data["train_x"][:5000])
-        self.optimizer = make_optimizer(self.model, cfg, device)
+        scalar = functools.partial(torch.zeros, (), device=device)
+        self.step_t, self.share_t = scalar(dtype=torch.int64), scalar(dtype=torch.float64)
+        self.lr_t, self.loss_sum = scalar(dtype=torch.float32), scalar(dtype=torch.float32)
+        self.host_step, self.host_share = 0, 0.0  # what the counters hold, as the host knows
+        self.optimizer = make_optimizer(self.model, cfg, device, self.lr_t)
         self.amp_dtype = pick_precision(cfg.precision, device)
         self.net = self.model
         if dist.world_size > 1:
@@ -590,58 +634,147 @@ class Trainer:
                                               cfg.passes_per_epoch)
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.stream = self.sampler.stream(self.total_steps)
+        self.seed_key = data_gpu.seed_key_for(cfg.seed, dist.rank, device)
+        data_gpu.device_constants(device)  # built before a compiled graph reads them
         self.planned_s = cfg.time_budget or self.total_steps * cfg.batch_size / CPU_IMG_PER_S
         self.compiled = pick_compile(cfg.compile, device, self.planned_s)
-        if self.compiled:
-            self.net = torch.compile(self.net)
+        self.forward_loss = self._forward_loss
+        if self.compiled:  # static shapes; one graph per token share
+            self.forward_loss = torch.compile(self._forward_loss, fullgraph=True, **COMPILE)
+            self.net = torch.compile(self.net, **COMPILE)  # evaluation's graph
+        self.graphs = {}  # token share -> (CUDA graph, its loss tensor), filled by prepare()
         self.steps_per_epoch = n_train * cfg.passes_per_epoch / cfg.batch_size
-        self.aug_gen = torch.Generator(device)
-        self.seed_streams(cfg.seed * 1000 + dist.rank)
-
-    def seed_streams(self, seed: int):
-        """Per-rank randomness: the device generator for per-image augmentation draws, a host RNG
-        for the per-batch mix decision (never depends on device values, so never syncs), and
-        torch's global RNG for drop-path masks."""
-        self.aug_gen.manual_seed(seed)
-        self.host_rng = np.random.default_rng(seed)
-        torch.manual_seed(seed + 1)
+        torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # drop-path and token-drop draws
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def batch(self, s: int):
+    def batch(self, step: torch.Tensor):
+        """The augmented, mixed batch of the step the device counter holds."""
         cfg = self.cfg
-        idx = self.sampler.indices(s)
-        x = data_gpu.augment(self.data["train_x"][idx], self.aug_gen, crop_pad=cfg.crop_pad,
+        idx = self.sampler.indices_at(self.stream, step)
+        draws = data_gpu.Draws(data_gpu.step_key(self.seed_key, step))
+        x = data_gpu.augment(self.data["train_x"][idx], draws, crop_pad=cfg.crop_pad,
                              autoaugment=cfg.autoaugment, erase_prob=cfg.erase_prob)
-        return data_gpu.mix(x, self.data["train_y"][idx], NUM_CLASSES, self.host_rng,
+        return data_gpu.mix(x, self.data["train_y"][idx], NUM_CLASSES, draws,
                             mix_prob=cfg.mix_prob, cutmix=cfg.cutmix, mixup=cfg.mixup)
 
-    def step(self, s: int, lr: float, skip_nonfinite: bool = False, token_keep: float = None):
-        """One optimisation step; returns the loss as a device tensor, or None if skipped."""
+    def _forward_loss(self, token_keep: float):
         rf = torch.profiler.record_function
-        self.net.train()
-        keep = self.cfg.token_keep if token_keep is None else token_keep
         with rf("data"):
-            x, targets = self.batch(s)
+            x, targets = self.batch(self.step_t)
         with rf("forward"), self.autocast():
-            loss = soft_cross_entropy(self.net(x, token_keep=keep), targets, self.cfg.label_smoothing)
-        with rf("backward"):
+            return soft_cross_entropy(self.net(x, token_keep=token_keep), targets,
+                                      self.cfg.label_smoothing)
+
+    def update(self, loss):
+        """The learning rate from the counter (and the budget's time share), the optimizer
+        step, the loss summed for the log, the counter advanced: all on the device."""
+        progress = torch.maximum((self.step_t + 1) / self.total_steps, self.share_t).clamp(max=1.0)
+        self.lr_t.copy_(lr_at(progress, self.cfg))
+        self.optimizer.step()
+        self.loss_sum += loss.detach()
+        self.step_t += 1
+
+    def step(self, s: int, share: float = 0.0, token_keep: Optional[float] = None,
+             skip_nonfinite: bool = False) -> bool:
+        """Optimisation step s (the loss is summed into loss_sum); False if it was skipped.
+        share: the time budget's spent share, which the schedule follows when it runs ahead of
+        the steps (the only value the host writes, and only under a budget)."""
+        keep = self.cfg.token_keep if token_keep is None else token_keep
+        if s != self.host_step:  # a resumed run, or a benchmark's own step numbers
+            self.step_t.fill_(s)
+        if share != self.host_share:
+            self.share_t.fill_(share)
+        self.host_step, self.host_share = s + 1, share
+        if keep in self.graphs:
+            self.graphs[keep].replay()
+            return True
+        self.net.train()
+        loss = self.forward_loss(keep)
+        with torch.profiler.record_function("backward"):
             loss.backward()
-        with rf("optimizer"):
+        with torch.profiler.record_function("optimizer"):
             # a sync, only under --nan-policy skip; the gradients too, as a NaN can hide behind
             # a finite loss
             if skip_nonfinite and not self.all_finite(
                     [loss] + [p.grad for p in self.model.parameters() if p.grad is not None]):
                 self.optimizer.zero_grad(set_to_none=True)
-                return None
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+                self.step_t += 1
+                return False
+            self.update(loss)
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return True
+
+    def training_state(self) -> list:
+        """Every tensor a step changes (weights, optimizer state, counters), in a fixed order."""
+        state = [t for v in self.optimizer.state.values() for t in v.values() if torch.is_tensor(t)]
+        return [*self.model.parameters(), *self.model.buffers(), *state,
+                self.step_t, self.share_t, self.lr_t, self.loss_sum]
+
+    @contextlib.contextmanager
+    def rehearsal(self):
+        """Steps run inside leave no trace: what they change is restored in place (the same
+        tensors, as a recorded graph holds their addresses), random state included."""
+        saved = {id(t): t.detach().clone() for t in self.training_state()}
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state(self.device)
+                                      if self.device.type == "cuda" else None)
+        host = self.host_step, self.host_share
+        try:
+            yield
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for t in self.training_state():
+                    # optimizer state born in the rehearsal: zeros, as a first step starts from
+                    t.copy_(saved[id(t)]) if id(t) in saved else t.zero_()
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], self.device)
+            self.host_step, self.host_share = host
+
+    def prepare(self, keeps, skip_nonfinite: bool = False) -> None:
+        """Before the timed run: compile every graph the run will use (a step per token share,
+        and evaluation), and on CUDA record each step as a CUDA graph; none of it changes the
+        training. If recording fails, say why in one line and train on the unrecorded step."""
+        if not self.compiled:
+            return
+        with self.rehearsal():
+            for keep in keeps:
+                self.step(self.host_step, self.host_share, keep, skip_nonfinite)
+            self.evaluate(limit=1000)
+            if self.records_graphs(skip_nonfinite):
+                try:
+                    self.graphs = {keep: self.record(keep) for keep in keeps}
+                except Exception as e:  # noqa: BLE001  any failure: train unrecorded
+                    self.graphs = {}
+                    print(f"warning: recording the step as a CUDA graph failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120] if str(e) else ''}); training on the "
+                          f"compiled step without it", file=sys.stderr)
+
+    def records_graphs(self, skip_nonfinite: bool) -> bool:
+        """CUDA graphs hold one process's step; --nan-policy skip decides on the host each step."""
+        return self.device.type == "cuda" and self.dist.world_size == 1 and not skip_nonfinite
+
+    def record(self, keep: float):
+        """One step as a CUDA graph (warmed up on a side stream first, as graphs need)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.step(self.host_step, self.host_share, keep)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            self.net.train()
+            loss = self.forward_loss(keep)
+            loss.backward()
+            self.update(loss)
+        return graph
 
     def all_finite(self, tensors) -> bool:
         """Whether every value is finite, on every rank (a host sync): ranks decide alike."""
@@ -725,8 +858,7 @@ class Trainer:
     def state_dict(self, step: int, elapsed: float, extra: dict):
         """Call on every rank: it gathers each rank's random streams (only rank 0 saves)."""
         rng = {"python": random.getstate(), "numpy": np.random.get_state(),
-               "torch": torch.get_rng_state(), "aug": self.aug_gen.get_state(),
-               "host": self.host_rng.bit_generator.state}
+               "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         ranks = [rng]
@@ -747,17 +879,17 @@ class Trainer:
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # loading replaced the lr the step writes
+            group["lr"] = self.lr_t
         if len(state["rng"]) != self.dist.world_size:
             # resumed on another number of processes: weights, optimizer and data order carry
             # over exactly, the per-rank random streams start afresh (so not bit-identical)
-            self.seed_streams(self.cfg.seed * 1000 + self.dist.rank + 7919 * state["step"])
+            torch.manual_seed(self.cfg.seed * 1000 + self.dist.rank + 1 + 7919 * state["step"])
             return
         rng = state["rng"][self.dist.rank]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
-        self.aug_gen.set_state(rng["aug"])
-        self.host_rng.bit_generator.state = rng["host"]
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
@@ -922,6 +1054,7 @@ class Budget:
         self.window_step, self.timing_step = step, step + 5
         self.keep = cfg.token_keep  # the token share of the steps being timed
         self.shared = 0.0 if world_size > 1 else None  # rank 0's time share as of the last sync
+        self.last_share = 0.0  # the share the last progress() used: the step's lr follows it
 
     def share(self) -> float:
         """Share of the time budget spent (0 without a budget)."""
@@ -932,8 +1065,8 @@ class Budget:
     def progress(self, step: int) -> float:
         # under torchrun: rank 0's time share as of the last sync, so that every rank computes
         # the same learning rate and ends at the same step
-        share = self.share() if self.shared is None else self.shared
-        return min(max((step + 1) / self.total, share), 1.0)
+        self.last_share = self.share() if self.shared is None else self.shared
+        return min(max((step + 1) / self.total, self.last_share), 1.0)
 
     def before_step(self, step: int, keep: float) -> None:
         if keep != self.keep and self.end is not None:
@@ -963,22 +1096,20 @@ class Budget:
 
 
 class Meter:
-    """The losses between log steps (summed on the device: no sync), the skipped-step count, and
-    what each log step prints and records."""
+    """The steps between log steps (the trainer sums their losses on the device: no sync), the
+    skipped-step count, and what each log step prints and records."""
 
     def __init__(self, trainer: "Trainer", run: RunFolder, budget: Budget, skipped: int,
                  prior_elapsed: float):
         self.trainer, self.run, self.budget, self.cfg = trainer, run, budget, trainer.cfg
-        self.skipped, self.prior_elapsed = skipped, prior_elapsed
-        self.loss_sum, self.loss_count = torch.zeros((), device=trainer.device), 0
+        self.skipped, self.prior_elapsed, self.loss_count = skipped, prior_elapsed, 0
         self.bar = Progress(run.main)
 
-    def add(self, loss) -> None:
-        if loss is None:
-            self.skipped += 1
-        else:
-            self.loss_sum += loss
+    def add(self, taken: bool) -> None:
+        if taken:
             self.loss_count += 1
+        else:
+            self.skipped += 1
 
     def elapsed(self) -> float:
         return self.prior_elapsed + self.budget.clock() - self.budget.start
@@ -986,8 +1117,8 @@ class Meter:
     def log(self, step: int, progress: float, stop_asked: bool) -> bool:
         """The host sync of a log step; returns whether any rank was asked to stop."""
         cfg, total = self.cfg, self.budget.total
-        mean_loss, stopping, shared = self.trainer.sync(self.loss_sum, self.loss_count, stop_asked,
-                                                        self.budget.share())
+        mean_loss, stopping, shared = self.trainer.sync(self.trainer.loss_sum, self.loss_count,
+                                                        stop_asked, self.budget.share())
         if not math.isfinite(mean_loss) and cfg.nan_policy == "stop":
             raise self.run.fault(f"non-finite loss {mean_loss} near step {step}")
         ips, lr = self.budget.window(step, shared), lr_at(progress, cfg)
@@ -998,7 +1129,7 @@ class Meter:
                         loss=mean_loss if math.isfinite(mean_loss) else None,  # all skipped
                         lr=lr, img_per_s=round(ips, 1), elapsed=round(self.elapsed(), 2),
                         skipped=self.skipped)
-        self.loss_sum.zero_()
+        self.trainer.loss_sum.zero_()
         self.loss_count = 0
         return stopping
 
@@ -1053,6 +1184,7 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
         result = trainer.evaluate()
         log(f"test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) at step {step}")
         return result
+    trainer.prepare({keep_at(0.0, cfg), keep_at(1.0, cfg)}, cfg.nan_policy == "skip")
     run = RunFolder(cfg, step if resume_state else None, overwrite, dist)
     total, spe = trainer.total_steps, trainer.steps_per_epoch
     eval_steps, ckpt_steps = max(1, round(cfg.eval_every * spe)), max(1, round(spe))
@@ -1068,13 +1200,13 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
             keep = keep_at(progress, cfg)
             budget.before_step(step, keep)
             try:
-                loss = trainer.step(step, lr_at(progress, cfg), token_keep=keep,
-                                    skip_nonfinite=cfg.nan_policy == "skip")
+                taken = trainer.step(step, budget.last_share, token_keep=keep,
+                                     skip_nonfinite=cfg.nan_policy == "skip")
             except torch.cuda.OutOfMemoryError as oom:
                 traceback.clear_frames(oom.__traceback__)  # free the failed step's tensors first
                 raise UsageError(trainer.out_of_memory_advice()) from None
             step += 1
-            meter.add(loss)
+            meter.add(taken)
             budget.after_step(step)
             done = progress >= 1.0 or step >= total
             # a lone process acts on a signal at once; under torchrun at the next log step, as

@@ -109,13 +109,13 @@ def measure(trainer, timing) -> dict:
     # whole training steps (Trainer.step sets train mode itself)
     steps = itertools.count()
     reset_peak(device)
-    seconds = common.time_calls(lambda: trainer.step(next(steps), trainer.cfg.lr), device, *timing)
+    seconds = common.time_calls(lambda: trainer.step(next(steps)), device, *timing)
     row["train_img_s"] = common.spread([bs / s for s in seconds])
     row["cuda_peak_train_bytes"] = peak(device)
 
     # activations: one training forward + loss of the eager model, counted, not timed
     trainer.model.train()
-    xb, targets = trainer.batch(next(steps))
+    xb, targets = trainer.batch(trainer.step_t)
 
     def loss():
         with trainer.autocast():

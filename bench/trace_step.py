@@ -81,7 +81,7 @@ def profile_steps(trainer, wait, warmup, active, trace_path):
     with common.tf32_matmuls(device, True), \
             torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=export) as prof:
         for s in range(wait + warmup + active):
-            trainer.step(s, trainer.cfg.lr)
+            trainer.step(s)
             common.sync(device)  # the step's GPU work ends inside its ProfilerStep range
             prof.step()
     if not written:

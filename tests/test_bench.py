@@ -50,10 +50,10 @@ def test_throughput_paper_columns_and_oom_keeps_sweeping(tmp_path, monkeypatch):
     a paper batch size, so its row carries the RTX 3090 figures."""
     real_step = S.Trainer.step
 
-    def step(self, s, lr, **kw):
+    def step(self, s, *args, **kw):
         if self.cfg.batch_size == 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(self, s, lr, **kw)
+        return real_step(self, s, *args, **kw)
 
     monkeypatch.setattr(S.Trainer, "step", step)
     argv = TINY + ["--batch-sizes", "2", "32", "--warmup", "0", "--repeats", "1", "--steps", "1",

@@ -319,7 +319,7 @@ def reachable(img):
 def test_autoaugment_batch_follows_the_policy_per_image():
     img = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(1)).float()
     img[..., :8, :8] = 40  # a flat patch, so autocontrast and equalize are not trivial
-    out = data_gpu._autoaugment(img.expand(2000, -1, -1, -1).contiguous(), torch.Generator().manual_seed(0))
+    out = data_gpu._autoaugment(img.expand(2000, -1, -1, -1).contiguous(), draws(0))
     candidates, expected = reachable(img)
     match = (out[:, None] == candidates[None]).flatten(2).all(2)  # (2000, candidates)
     assert match.sum(1).eq(1).all()  # every output is exactly one reachable image
@@ -330,24 +330,40 @@ def test_autoaugment_batch_follows_the_policy_per_image():
 
 # ----------------------------------------------------------------------------- augment
 
+def draws(seed, step=0):
+    """The draws of one step of a run seeded `seed`, as the trainer makes them."""
+    key = data_gpu.seed_key_for(seed, 0, "cpu")
+    return data_gpu.Draws(data_gpu.step_key(key, torch.tensor(step)))
+
+
+def test_draws_are_uniform_keyed_and_fresh_each_call_and_step():
+    a, b = draws(0), draws(0)
+    u = a.rand(200000)
+    assert u.equal(b.rand(200000)) and not u.equal(a.rand(200000))  # same key, same draw
+    assert not u.equal(draws(0, 1).rand(200000)) and not u.equal(draws(1).rand(200000))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
+    assert abs(u.var() - 1 / 12) < 0.001
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.01  # neighbours independent
+    counts = torch.bincount(draws(2).randint(3, 10, (70000,)) - 3, minlength=7)
+    assert counts.sum() == 70000 and (counts - 10000).abs().max() < 500  # ~5 sigma
+
 def test_augment_shapes_range_determinism_and_per_image_randomness():
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    out = data_gpu.augment(x, torch.Generator().manual_seed(0))
+    out = data_gpu.augment(x, draws(0))
     assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
     lo, hi = data_gpu.normalize(torch.tensor([0, 255]).view(2, 1, 1, 1).expand(2, 3, 1, 1)).flatten(1)
     assert (out >= lo.view(1, 3, 1, 1)).all() and (out <= hi.view(1, 3, 1, 1)).all()
-    assert out.equal(data_gpu.augment(x, torch.Generator().manual_seed(0)))
-    assert not out.equal(data_gpu.augment(x, torch.Generator().manual_seed(1)))
-    copies = data_gpu.augment(x[:1].expand(64, -1, -1, -1), torch.Generator().manual_seed(0))
+    assert out.equal(data_gpu.augment(x, draws(0)))
+    assert not out.equal(data_gpu.augment(x, draws(1)))
+    copies = data_gpu.augment(x[:1].expand(64, -1, -1, -1), draws(0))
     assert len(copies.unique(dim=0)) >= 60
-    plain = data_gpu.augment(x, torch.Generator(), flip=False, crop_pad=0, autoaugment=False, erase_prob=0)
+    plain = data_gpu.augment(x, draws(0), flip=False, crop_pad=0, autoaugment=False, erase_prob=0)
     assert plain.equal(data_gpu.normalize(x))
 
 
 def test_flip_and_crop_give_a_shift_of_the_padded_image_or_its_mirror():
     x = torch.randperm(3 * 32 * 32).remainder(256).to(torch.uint8).view(1, 3, 32, 32)
-    gen = torch.Generator().manual_seed(3)
-    out = data_gpu.augment(x.expand(128, -1, -1, -1), gen, autoaugment=False, erase_prob=0)
+    out = data_gpu.augment(x.expand(128, -1, -1, -1), draws(3), autoaugment=False, erase_prob=0)
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))[0]
     crops = torch.stack([img[:, i:i + 32, j:j + 32] for img in (padded, padded.flip(2))
                          for i in range(9) for j in range(9)])
@@ -359,7 +375,7 @@ def test_flip_and_crop_give_a_shift_of_the_padded_image_or_its_mirror():
 
 def test_random_erasing_boxes():
     x = torch.full((2000, 3, 32, 32), 7.0)
-    out = data_gpu._random_erase(x, torch.Generator().manual_seed(0), 1.0)
+    out = data_gpu._random_erase(x, draws(0), 1.0)
     erased = out != 7.0
     assert erased.any(1).eq(erased.all(1)).all()  # all channels or none
     fill = torch.tensor(data_gpu.MEAN).view(1, 3, 1, 1).expand_as(out)
@@ -374,7 +390,7 @@ def test_random_erasing_boxes():
     assert ((hf + 0.5) / (wf - 0.5) >= 0.3).all() and ((hf - 0.5) / (wf + 0.5) <= 1 / 0.3).all()
     assert 170 < (h * w).double().mean() < 260
     assert rows[:, 0].any() and rows[:, -1].any() and cols[:, 0].any() and cols[:, -1].any()
-    some = data_gpu._random_erase(x, torch.Generator().manual_seed(0), 0.25)
+    some = data_gpu._random_erase(x, draws(0), 0.25)
     assert 0.2 < (some != 7.0).flatten(1).any(1).double().mean() < 0.3
 
 
@@ -388,7 +404,7 @@ def labelled_batch(B=8):
 def test_cutmix_lam_is_the_pasted_area():
     x, y = labelled_batch()
     for seed in range(40):
-        mixed, soft = data_gpu.mix(x, y, 10, np.random.default_rng(seed), mix_prob=1, mixup=False)
+        mixed, soft = data_gpu.mix(x, y, 10, draws(seed), mix_prob=1, mixup=False)
         from_partner = (mixed == x.flip(0)).flatten(1).double().mean(1)
         assert ((mixed == x) | (mixed == x.flip(0))).all()
         assert torch.allclose(soft[torch.arange(8), y].double(), 1 - from_partner, atol=1e-6)
@@ -399,23 +415,62 @@ def test_cutmix_lam_is_the_pasted_area():
 def test_mixup_is_a_convex_combination_and_mix_prob_zero_is_identity():
     x, y = labelled_batch()
     for seed in range(10):
-        mixed, soft = data_gpu.mix(x, y, 10, np.random.default_rng(seed), mix_prob=1, cutmix=False)
+        mixed, soft = data_gpu.mix(x, y, 10, draws(seed), mix_prob=1, cutmix=False)
         lam = soft[0, y[0]]
         assert 0 < lam < 1 and torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0))  # always mixed
         assert torch.allclose(soft[torch.arange(8), y.flip(0)], 1 - lam.expand(8))
-        same, soft = data_gpu.mix(x, y, 10, np.random.default_rng(seed), mix_prob=0)
+        same, soft = data_gpu.mix(x, y, 10, draws(seed), mix_prob=0)
         assert same.equal(x) and soft.equal(torch.nn.functional.one_hot(y, 10).float())
 
 
 def test_mix_picks_none_cutmix_or_mixup_at_the_stated_rates():
     x, y = labelled_batch()
-    rng, kinds = np.random.default_rng(0), []
-    for _ in range(400):
-        mixed, _ = data_gpu.mix(x, y, 10, rng)
+    kinds = []
+    for step in range(400):
+        mixed, _ = data_gpu.mix(x, y, 10, draws(0, step))
         blended = not ((mixed == x) | (mixed == x.flip(0))).all()
         kinds.append("mixup" if blended else "none" if mixed.equal(x) else "cutmix")
     counts = {k: kinds.count(k) for k in ("none", "cutmix", "mixup")}
     assert 160 < counts["none"] < 240 and 60 < counts["cutmix"] < 140 and 60 < counts["mixup"] < 140
+
+
+def paper_mix_lams(n, seed=0, mix_prob=0.5, H=32, W=32):
+    """The paper's per-batch mixing, drawn on the host as its code does: None when the batch is
+    not mixed, else ('cutmix' or 'mixup', the target weight of the image itself)."""
+    rng, out = np.random.default_rng(seed), []
+    for _ in range(n):
+        if rng.random() >= mix_prob:
+            out.append(None)
+            continue
+        lam = rng.beta(1.0, 1.0)
+        if rng.random() < 0.5:
+            cy, cx = rng.integers(H), rng.integers(W)
+            ch, cw = int(H * np.sqrt(1 - lam)), int(W * np.sqrt(1 - lam))
+            y0, y1 = np.clip([cy - ch // 2, cy + ch // 2], 0, H)
+            x0, x1 = np.clip([cx - cw // 2, cx + cw // 2], 0, W)
+            out.append(("cutmix", 1 - (y1 - y0) * (x1 - x0) / (H * W)))
+        else:
+            out.append(("mixup", lam))
+    return out
+
+
+def test_device_mixing_has_the_papers_statistics():
+    """Frequencies of none / CutMix / MixUp and the mean target weight of each kind, over 2,000
+    batches drawn on the device, against the paper's host-side draws (4-5 standard errors)."""
+    x, y = labelled_batch()
+    ours = []
+    for step in range(2000):
+        mixed, soft = data_gpu.mix(x, y, 10, draws(0, step))
+        lam = soft[0, y[0]].item()
+        blended = not ((mixed == x) | (mixed == x.flip(0))).all()
+        ours.append(None if mixed.equal(x) and lam == 1 else ("mixup" if blended else "cutmix", lam))
+    paper = paper_mix_lams(20000)
+    for kind in ("cutmix", "mixup"):
+        share = [sum(1 for r in runs if r and r[0] == kind) / len(runs) for runs in (ours, paper)]
+        assert abs(share[0] - share[1]) < 0.05  # 0.25 each; s.e. of ours ~0.0097
+        lams = [[r[1] for r in runs if r and r[0] == kind] for runs in (ours, paper)]
+        assert abs(np.mean(lams[0]) - np.mean(lams[1])) < 0.05  # s.e. of ours ~0.013
+    assert abs(ours.count(None) / 2000 - 0.5) < 0.05
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -440,21 +495,28 @@ def test_sampler_passes_ranks_and_determinism():
     for step in (0, 2, 9):
         parts = [r.indices(step) for r in ranks]
         assert len(parts[0]) == 5 and torch.stack(parts, 1).flatten().equal(stream[step * 10:(step + 1) * 10])
+    # the device-side stream serves a step counter the same batches, for every rank
+    for r in ranks:
+        laid = r.stream(10)
+        assert all(r.indices_at(laid, torch.tensor(s)).equal(r.indices(s)) for s in range(10))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to check for device->host syncs")
 def test_no_host_sync_on_cuda():
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
     y = torch.randint(0, 10, (64,), device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
     sampler = data_gpu.RepeatedPassSampler(64, 16, 0, "cuda")
-    data_gpu.augment(x, gen), sampler.indices(0)  # first call builds the per-device constants
+    stream, key = sampler.stream(8), data_gpu.seed_key_for(0, 0, "cuda")
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+    data_gpu.augment(x, data_gpu.Draws(key))  # the first call builds the per-device constants
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for step in range(1, 8):
-            out, soft = data_gpu.mix(data_gpu.augment(x[sampler.indices(step)], gen), y[:16], 10,
-                                     np.random.default_rng(step), mix_prob=1)
+        for _ in range(8):
+            draws = data_gpu.Draws(data_gpu.step_key(key, step))
+            out, soft = data_gpu.mix(data_gpu.augment(x[sampler.indices_at(stream, step)], draws),
+                                     y[:16], 10, draws, mix_prob=1)
+            step += 1
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(out).all() and soft.shape == (16, 10)

@@ -143,10 +143,10 @@ def after_step(monkeypatch, action):
     """Run action(trainer, s) right after every optimisation step s (0-based)."""
     real_step = S.Trainer.step
 
-    def step(self, s, lr, **kwargs):
-        loss = real_step(self, s, lr, **kwargs)
+    def step(self, s, *args, **kwargs):
+        taken = real_step(self, s, *args, **kwargs)
         action(self, s)
-        return loss
+        return taken
     monkeypatch.setattr(S.Trainer, "step", step)
 
 
@@ -485,7 +485,7 @@ def test_deterministic_flag_documents_its_cost(capsys):
 # ----------------------------------------------------------------------------------------------
 # torchrun / DDP: 2 processes, Gloo on CPU
 
-def _flat_augment(x, gen, **kwargs):
+def _flat_augment(x, draws, **kwargs):
     """No per-rank randomness in the batch: what makes 2 processes comparable with 1."""
     return data_gpu.normalize(x)
 
@@ -599,6 +599,6 @@ def test_ddp_run_interrupted_on_one_rank_resumes_to_identical_weights(ddp_runs):
     """SIGINT reached rank 1 only; both ranks stopped at the same step, the checkpoint holds both
     ranks' random streams, and 2 processes resumed to the weights of the run left alone."""
     cut = torch.load(os.path.join(ddp_runs, "cut.ckpt.pt"), weights_only=False)
-    assert cut["step"] == 6 and len(cut["rng"]) == 2 and not torch.equal(*(r["aug"] for r in cut["rng"]))
+    assert cut["step"] == 6 and len(cut["rng"]) == 2 and not torch.equal(*(r["torch"] for r in cut["rng"]))
     assert_same_training(os.path.join(ddp_runs, "whole"), os.path.join(ddp_runs, "cut"))
     assert_same_tensors(_weights(ddp_runs, "whole", 1), _weights(ddp_runs, "resumed", 1))
