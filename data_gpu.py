@@ -651,7 +651,7 @@ def mix(x, y, num_classes, draws, *, mix_prob=0.5, cutmix=True, mixup=True):
     cols = torch.arange(W, device=x.device).view(1, W)
     box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
     lam_cut = 1 - ((y1 - y0) * (x1 - x0)).float() / (H * W)
-    use_cut = (pick < 0.5) if (cutmix and mixup) else torch.tensor(cutmix, device=x.device)
+    use_cut = pick < (0.5 if cutmix and mixup else float(cutmix))  # pick < 1 always holds
     mixed = coin < (mix_prob if (cutmix or mixup) else 0.0)
     x = torch.where(mixed & use_cut, torch.where(box, partner, x),
                     torch.where(mixed, torch.lerp(partner, x, lam), x))
