@@ -11,6 +11,7 @@ import reference_model
 import precision as Pr
 import trace_step as P
 import throughput as T
+import record
 
 TINY = ["--set", "width=32", "depth=1", "heads=2", "--device", "cpu", "--compile", "off", "--threads", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -199,3 +200,40 @@ def test_precision_verdict_compares_the_difference_with_the_seed_spread():
     assert loss["mean"]["fp32"] == pytest.approx(2.1) and loss["diff"] == pytest.approx(0.0)
     assert loss["se"] == pytest.approx((0.2 ** 2 / 2 / 2) ** 0.5) and loss["within_noise"]
     assert acc["diff"] == pytest.approx(9.0) and not acc["within_noise"]  # 9 > 2 x 1.0
+
+
+def test_record_statistics_and_the_95_percent_bound():
+    s = record.statistics_of([70.0, 72.0, 74.0], target=68.0)
+    assert (s["n"], s["mean"], s["std"], s["min"], s["max"]) == (3, 72.0, 2.0, 70.0, 74.0)
+    assert s["lower95"] == pytest.approx(72.0 - 2.920 * 2.0 / 3 ** 0.5)  # t(0.95, 2) = 2.920
+    assert s["target_met"] and not record.statistics_of([70.0, 72.0, 74.0], target=69.0)["target_met"]
+    assert not record.statistics_of([75.0], target=50.0)["target_met"]  # one run proves nothing
+    assert record.t95(4) == 2.132 and record.t95(11) == 1.812 and record.t95(100) == 1.645
+
+
+def test_record_runs_each_seed_as_a_user_would_and_writes_the_row(tiny_cifar, tmp_path, capsys):
+    argv = ["--variant", "baseline", "--seeds", "2", "--time-budget", "20", "--target", "5",
+            "--data", tiny_cifar, "--out", str(tmp_path / "rec"), "--set", "width=32", "depth=1",
+            "heads=2", "patch_size=8", "batch_size=16", "device=cpu", "precision=fp32",
+            "autoaugment=false", "max_steps=6"]
+    assert record.main(argv) == 0
+    report = json.load(open(tmp_path / "rec" / "record.json"))
+    accs = [r["test_acc"] for r in report["runs"]]
+    assert [r["seed"] for r in report["runs"]] == [0, 1] and all(r["steps"] == 6 for r in report["runs"])
+    assert report["stats"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    row = (tmp_path / "rec" / "record.md").read_text()
+    assert f"{report['stats']['mean']:.2f} ±" in row and "bench/record.py --variant baseline" in row
+    assert "seed 1:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--time-budget", "-1"], "--time-budget must be a positive"),
+    (["--target", "120"], "--target must be a test accuracy"),
+    (["--variant", "nope"], "unknown variant"),
+])
+def test_record_bad_input_is_one_line(argv, message, capsys):
+    assert record.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
