@@ -130,6 +130,12 @@ CPU_SPEEDRUN = {"width": 96, "depth": 6, "heads": 2, "batch_size": 128, "whiten"
                 "warmup_epochs": 1.5, "tta_flip": True, "eval_every": 1000.0,
                 "time_budget": 600.0}
 
+# what cpu-speedrun changes for each precision: fp32 steps cost twice bf16's where bf16 has
+# matrix units, so fp32 buys cheaper images (fit_cpu_speedrun picks one by measuring)
+CPU_TUNING = {"bf16": {"precision": "bf16"},
+              "fp32": {"precision": "fp32", "depth": 4, "token_keep": 0.125}}
+CPU_BF16_LEAD = 1.3  # bf16 must train this much faster than fp32 to be chosen
+
 VARIANTS = {
     "baseline": Variant("the paper's Tiny ViT: width 192, depth 9, 12 heads, 1 CLS", {}, 93.65, 4658),
     "no-aa": Variant("no AutoAugment", {"autoaugment": False}, 92.14, 4684),
@@ -168,7 +174,7 @@ VARIANTS = {
     # images still (bench/README.md, CPU without bf16 units)
     "cpu-speedrun-fp32": Variant("cpu-speedrun for CPUs without bf16 units (fp32): depth 4, an "
                                  "eighth of the tokens but for the last 10 %",
-                                 {**CPU_SPEEDRUN, "depth": 4, "token_keep": 0.125}),
+                                 {**CPU_SPEEDRUN, **CPU_TUNING["fp32"]}),
 }
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -1191,6 +1197,8 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     log(f"{cfg.variant}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
         f"{total:,} steps of {cfg.batch_size} on {device} ({'bf16' if trainer.amp_dtype else 'fp32'}"
         f", compile {trainer.compiled}, kernels {cfg.kernels}) -> {run.out}")
+    if device.type == "cpu" and (note := cpu_recipe_note(cfg, total)):
+        log(note)
     budget = Budget(cfg, total, step, start_time, clock, trainer.time_eval, dist.world_size)
     meter = Meter(trainer, run, budget, skipped, prior_elapsed)
     stopped_by = None
@@ -1250,6 +1258,65 @@ def finish(trainer: "Trainer", run: RunFolder, meter: Meter, step: int, start_ti
         f"train {summary['train_s']:.1f}s | total {summary['total_s']:.1f}s | "
         f"{summary['img_per_s']:,.0f} img/s | {run.out}")
     return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting the CPU speedrun to the CPU at hand
+
+def probe_img_per_s(cfg: Config, precision: str, steps: int = 6, seconds: float = 2.0) -> float:
+    """Training images/s of cfg's model in `precision` on this CPU: its fastest of a few eager
+    steps on synthetic images (after two untimed ones), the fastest as the least disturbed by
+    other work on the machine; at most `seconds` of timed steps."""
+    g = torch.Generator().manual_seed(0)
+    n = 2 * cfg.batch_size
+    data = {"train_x": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+            "train_y": torch.randint(0, NUM_CLASSES, (n,), generator=g),
+            "test_x": torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "test_y": torch.zeros(1).long()}
+    probe = dataclasses.replace(cfg, precision=precision, compile="off", whiten=False,
+                                time_budget=0.0, max_steps=steps + 2, device="cpu")
+    trainer = Trainer(probe, data, torch.device("cpu"))
+    trainer.step(0), trainer.step(1)
+    times, start = [], time.monotonic()
+    for s in range(2, steps + 2):
+        t = time.monotonic()
+        trainer.step(s)
+        times.append(time.monotonic() - t)
+        if time.monotonic() - start > seconds and len(times) >= 2:
+            break
+    return cfg.batch_size / min(times)
+
+
+def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
+    """cpu-speedrun on a CPU: bf16 with the preset's tuning where bf16 trains clearly faster
+    than fp32 (matrix units), else fp32 with cheaper images; measured in a probe of a second or
+    two, which the time budget counts. Flags the user typed win over both."""
+    if "precision" in typed and cfg.precision != "auto":
+        choice, why = cfg.precision, "as --precision asks"
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process must choose alike
+        choice = "bf16" if cpu_has_bf16_units() else "fp32"
+        why = "from the CPU's flags (under torchrun processes do not probe)"
+    else:
+        bf16, fp32 = probe_img_per_s(cfg, "bf16"), probe_img_per_s(cfg, "fp32")
+        choice = "bf16" if bf16 >= CPU_BF16_LEAD * fp32 else "fp32"
+        why = f"bf16 trains it at {bf16:,.0f} img/s, fp32 at {fp32:,.0f} (x{bf16 / fp32:.2f})"
+    tuned = {k: v for k, v in CPU_TUNING[choice].items() if k not in typed}
+    cfg = dataclasses.replace(cfg, **tuned)
+    validate(cfg)
+    log(f"{cfg.variant}: {choice}, depth {cfg.depth}, token share {cfg.token_keep:g}, batch "
+        f"{cfg.batch_size}: {why}")
+    return cfg
+
+
+def cpu_recipe_note(cfg: Config, total_steps: int) -> Optional[str]:
+    """For a paper recipe started on a CPU: how long it would take there, and what to run."""
+    if cfg.time_budget or cfg.max_steps:
+        return None
+    baseline = count_flops_per_image(resolve_config("baseline"))
+    hours = total_steps * cfg.batch_size / (CPU_IMG_PER_S * baseline / count_flops_per_image(cfg)) / 3600
+    if hours < 1:
+        return None
+    return (f"note: on a CPU this recipe takes about {hours:,.0f} h; for a ten-minute result run "
+            f"python speedrun.py --variant cpu-speedrun (or add --time-budget/--max-steps)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1334,6 +1401,8 @@ def main(argv=None) -> int:
             raise UsageError("--eval-only needs --resume PATH (a run folder or checkpoint)")
         else:
             cfg = resolve_config(variant or "baseline", **args)
+            if "cpu-speedrun" in cfg.variant.split(",") and pick_device(cfg.device).type == "cpu":
+                cfg = fit_cpu_speedrun(cfg, set(args))
         train(cfg, state, overwrite=overwrite, eval_only=eval_only, start_time=start)
     except (UsageError, data_gpu.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

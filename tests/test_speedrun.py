@@ -395,3 +395,29 @@ def test_full_token_tail_runs_last_and_the_run_still_ends_at_its_budget(real_arc
     assert set(keeps[:switch]) == {0.25} and set(keeps[switch:]) == {1.0}
     # a quarter of the training time at 4x the cost per step: about 1/13 of the steps
     assert 0.04 < (len(keeps) - switch) / len(keeps) < 0.12
+
+
+@pytest.mark.parametrize("bf16, fp32, typed, want", [
+    (2000.0, 1000.0, {}, ("bf16", 6, 0.25)),            # matrix units: bf16 and the preset
+    (1100.0, 1000.0, {}, ("fp32", 4, 0.125)),           # bf16 barely faster: fp32, cheaper images
+    (1100.0, 1000.0, {"depth": 5}, ("fp32", 5, 0.125)),  # typed flags win over the tuning
+    (None, None, {"precision": "bf16"}, ("bf16", 6, 0.25)),  # typed precision: no probe
+])
+def test_cpu_speedrun_fits_the_cpu_it_measures(bf16, fp32, typed, want, monkeypatch):
+    monkeypatch.setattr(S, "probe_img_per_s", lambda cfg, precision: {"bf16": bf16, "fp32": fp32}[precision])
+    cfg = S.resolve_config("cpu-speedrun", **typed)
+    said = []
+    fitted = S.fit_cpu_speedrun(cfg, set(typed), log=said.append)
+    assert (fitted.precision, fitted.depth, fitted.token_keep) == want
+    assert len(said) == 1 and said[0].startswith(f"cpu-speedrun: {want[0]}, depth {want[1]}")
+
+
+def test_cpu_probe_measures_a_training_step(one_thread):
+    cfg = S.resolve_config("cpu-speedrun", width=32, depth=1, heads=2, batch_size=16)
+    assert S.probe_img_per_s(cfg, "fp32", steps=2) > 0
+
+
+def test_a_paper_recipe_on_a_cpu_says_how_long_and_what_to_run_instead():
+    note = S.cpu_recipe_note(S.resolve_config("mcls"), 58593)
+    assert "on a CPU this recipe takes about" in note and "--variant cpu-speedrun" in note
+    assert S.cpu_recipe_note(S.resolve_config("mcls", max_steps=50), 50) is None
