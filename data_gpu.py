@@ -195,6 +195,8 @@ def _unpickle_batch(raw, where):
         shape = getattr(images, "shape", None)
         raise DataError(f"{where}: data is {getattr(images, 'dtype', type(images).__name__)} {shape}, "
                         f"expected uint8 (n, 3072)")
+    if not len(images):  # the official batches hold 10,000 each; none would divide by zero later
+        raise DataError(f"{where}: holds no images")
     if labels.ndim != 1 or len(labels) != len(images) or (len(labels) and labels.dtype.kind not in "iu"):
         raise DataError(f"{where}: labels are {labels.dtype} {labels.shape}, expected {len(images)} integers")
     if len(labels) and (labels.min() < 0 or labels.max() > 9):

@@ -12,7 +12,9 @@ import functools
 import json
 import math
 import os
+import pickle
 import random
+import re
 import signal
 import sys
 import time
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 import data_gpu
 import kernels
+from kernels._triton import interpret_enabled
 
 NUM_CLASSES = 10
 
@@ -203,35 +206,65 @@ def resolve_config(variant: str = "baseline", **overrides) -> Config:
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
-    checks = [
-        (cfg.batch_size > 0, f"--batch-size must be positive (got {cfg.batch_size})"),
-        (cfg.batch_size % world_size == 0,
-         f"--batch-size {cfg.batch_size} is not divisible by the {world_size} processes"),
-        (cfg.lr >= 0 and cfg.min_lr >= 0, "--lr and --min-lr must not be negative"),
-        (cfg.weight_decay >= 0, "--weight-decay must not be negative"),
-        (cfg.epochs > 0, "--epochs must be positive"),
-        (cfg.max_steps >= 0 and cfg.time_budget >= 0, "--max-steps/--time-budget must be >= 0"),
-        (cfg.width > 0 and cfg.depth > 0 and cfg.heads > 0, "width, depth, heads must be positive"),
-        (cfg.width % cfg.heads == 0, f"--width {cfg.width} is not divisible by --heads {cfg.heads}"),
-        (32 % cfg.patch_size == 0 and cfg.patch_size % 2 == 0, "--patch-size must be even and divide 32"),
-        (set(cfg.mla) <= set("qkv"), f"--mla takes letters from 'qkv' (got {cfg.mla!r})"),
-        (cfg.latent_dim > 0, "--latent-dim must be positive"),
-        (cfg.num_cls >= (0 if cfg.pool == "gap" else 1), "--num-cls must be >= 1 with CLS pooling"),
-        (0 <= cfg.cait_blocks <= cfg.depth, "--cait-blocks must be between 0 and --depth"),
-        (cfg.cait_blocks == 0 or cfg.num_cls >= 1, "class-attention blocks need a CLS token"),
-        (cfg.pos_emb != "sin" or cfg.width % 4 == 0, "sin position embedding needs width % 4 == 0"),
-        (0 <= cfg.drop_path < 1 and 0 <= cfg.erase_prob <= 1 and 0 <= cfg.mix_prob <= 1,
-         "probabilities must be in [0, 1)"),
-        (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-        (0 < cfg.token_keep <= 1, f"--token-keep must be in (0, 1] (got {cfg.token_keep})"),
-        (0 <= cfg.full_token_tail <= 1, f"--full-token-tail must be in [0, 1] (got {cfg.full_token_tail})"),
-        (0 <= cfg.crop_pad <= 16, f"--crop-pad must be in [0, 16] pixels (got {cfg.crop_pad})"),
-        (cfg.log_every > 0 and cfg.eval_every > 0 and cfg.passes_per_epoch > 0,
-         "--log-every, --eval-every and --passes-per-epoch must be positive"),
-    ]
-    for ok, message in checks:
+    """Refuse a config that could not run, with the first failing check's one-line message."""
+    for ok, message in config_checks(cfg, world_size):
         if not ok:
             raise UsageError(message)
+
+
+# every numeric flag's valid range, as its error message states it; a bound may name another flag.
+# Finite values only: NaN and infinities are refused with the rest
+RANGES = {"width": "[1, inf)", "depth": "[1, inf)", "heads": "[1, inf)", "mlp_ratio": "(0, inf)",
+          "patch_size": "[2, 32]", "num_cls": "[0, inf)", "drop_path": "[0, 1)",
+          "latent_dim": "[1, inf)", "cait_blocks": "[0, --depth]", "token_keep": "(0, 1]",
+          "full_token_tail": "[0, 1]", "crop_pad": "[0, 16]", "erase_prob": "[0, 1]",
+          "mix_prob": "[0, 1]", "passes_per_epoch": "[1, inf)", "lr": "[0, inf)",
+          "weight_decay": "[0, inf)", "batch_size": "[1, inf)", "epochs": "(0, inf)",
+          "warmup_epochs": "[0, inf)", "min_lr": "[0, --lr]", "label_smoothing": "[0, 1)",
+          "max_steps": "[0, inf)", "time_budget": "[0, inf)",
+          "seed": "[0, 4294967295]",  # NumPy takes no negative seed
+          "eval_every": "(0, inf)", "log_every": "[1, inf)"}
+
+
+def range_error(flag: str, value, interval: str, named: dict = None) -> Optional[str]:
+    """Why `value` lies outside `interval` ('(0, 1]', '[1, inf)'; a bound may name a flag, whose
+    value `named` gives: '[0, --lr]'), or None when it is inside; NaN is outside every range."""
+    bounds = [t.strip() for t in interval[1:-1].split(",")]
+    low, high = (named[t] if t.startswith("--") else float(t) for t in bounds)
+    if (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (low < value if interval[0] == "(" else low <= value)
+            and (value < high if interval[-1] == ")" else value <= high)):
+        return None
+    said = "".join(f"; {t} is {named[t]}" for t in bounds if t.startswith("--"))
+    return f"{flag} must be in {interval} (got {value}{said})"
+
+
+def config_checks(cfg: Config, world_size: int = 1):
+    """Every check of a config, in order; a generator, so that each check is evaluated only once
+    those before it passed and may rely on them (the divisions by --heads or --patch-size)."""
+    for name, f in CONFIG_FIELDS.items():
+        choices = f.metadata.get("choices")
+        if choices:
+            yield getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of " \
+                                                 f"{', '.join(choices)} (got {getattr(cfg, name)!r})"
+    flags = {"--" + name.replace("_", "-"): value for name, value in dataclasses.asdict(cfg).items()}
+    for name, interval in RANGES.items():
+        flag = "--" + name.replace("_", "-")
+        error = range_error(flag, flags[flag], interval, flags)
+        yield error is None, error
+    yield (cfg.batch_size % world_size == 0,
+           f"--batch-size {cfg.batch_size} is not divisible by the {world_size} processes")
+    yield cfg.width % cfg.heads == 0, f"--width {cfg.width} is not divisible by --heads {cfg.heads}"
+    yield (32 % cfg.patch_size == 0 and cfg.patch_size % 2 == 0,
+           f"--patch-size must be even and divide 32 (got {cfg.patch_size})")
+    yield (int(cfg.width * cfg.mlp_ratio) >= 1,
+           f"--mlp-ratio {cfg.mlp_ratio} leaves the MLP of width {cfg.width} without a unit")
+    yield set(cfg.mla) <= set("qkv"), f"--mla takes letters from 'qkv' (got {cfg.mla!r})"
+    yield cfg.num_cls >= (0 if cfg.pool == "gap" else 1), "--num-cls must be >= 1 with CLS pooling"
+    yield cfg.cait_blocks == 0 or cfg.num_cls >= 1, "class-attention blocks need a CLS token"
+    yield cfg.pos_emb != "sin" or cfg.width % 4 == 0, "sin position embedding needs width % 4 == 0"
+    yield not cfg.whiten or cfg.patch_embed == "conv", "--whiten sets conv patch filters: it " \
+                                                        "needs --patch-embed conv"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,12 +561,27 @@ def soft_cross_entropy(logits, targets, smoothing: float):
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but no CUDA device is available")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown --device {name!r} (use auto, cpu or cuda)") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise UsageError(f"unknown --device {name!r} (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s)")
+    return device
+
+
+def check_kernels(name: str, device: torch.device) -> None:
+    """--kernels triton where it cannot run is refused before anything is loaded or written."""
+    if name == "triton" and not kernels.HAVE_TRITON:
+        raise UsageError("--kernels triton needs the triton package (pip install triton)")
+    if name == "triton" and device.type != "cuda" and not interpret_enabled():
+        raise UsageError(f"--kernels triton runs on CUDA; on {device.type} only in Triton's "
+                         f"interpreter (TRITON_INTERPRET=1, slow)")
 
 
 def cpu_has_bf16_units(flags: set = None) -> bool:
@@ -855,18 +903,37 @@ class Trainer:
         """Seconds an evaluation of the test set will take, from timing its first batch (of every
         rank)."""
         world, n_test = self.dist.world_size, self.data["test_x"].shape[0]
-        n = min(1000, n_test // world)
+        n = max(1, min(1000, n_test // world))
         t = clock()
         self.evaluate(batch_size=n, limit=n)
         return (clock() - t) * n_test / (n * world)
 
     # -- checkpoints: everything needed for a bit-exact continuation ---------------------------
-    def state_dict(self, step: int, elapsed: float, extra: dict):
-        """Call on every rank: it gathers each rank's random streams (only rank 0 saves)."""
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(),
-               "torch": torch.get_rng_state()}
+    def random_states(self) -> dict:
+        """This process's random streams (drop path, token dropping: augmentation and mixing
+        are a function of seed, rank and step) as tensors, numbers and strings only: a checkpoint
+        must load with torch.load(weights_only=True), which can run no code."""
+        _, python_mt, python_gauss = random.getstate()
+        _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+        rng = {"python": torch.tensor(python_mt), "python_gauss": python_gauss,
+               "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
+               "numpy_pos": int(numpy_pos), "numpy_gauss": [int(numpy_has_gauss), float(numpy_gauss)],
+               "torch": torch.get_rng_state(), "device": self.device.type}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def set_random_states(self, rng: dict) -> None:
+        random.setstate((3, tuple(rng["python"].tolist()), rng["python_gauss"]))
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"],
+                             *rng["numpy_gauss"]))
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def state_dict(self, step: int, elapsed: float, extra: dict):
+        """Call on every rank: it gathers each rank's random streams (only rank 0 saves)."""
+        rng = self.random_states()
         ranks = [rng]
         if self.dist.world_size > 1:
             ranks = [None] * self.dist.world_size
@@ -875,29 +942,36 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "rng": ranks, **extra}
 
-    def resume(self, state: Optional[dict]):
+    def resume(self, state: Optional[dict], log=print):
         """Continue from a checkpoint (None: a fresh run) -> (step, elapsed seconds, skipped)."""
         if state is None:
             return 0, 0.0, 0
-        self.load_state_dict(state)
+        reseeded = self.load_state_dict(state)
+        if reseeded:
+            log(reseeded)
         return state["step"], state["elapsed"], state.get("skipped", 0)
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state: dict) -> Optional[str]:
+        """Restore a checkpoint (load_checkpoint has checked its layout); returns a line to tell
+        the user when the random streams could not carry over."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # loading replaced the lr the step writes
             group["lr"] = self.lr_t
-        if len(state["rng"]) != self.dist.world_size:
-            # resumed on another number of processes: weights, optimizer and data order carry
-            # over exactly, the per-rank random streams start afresh (so not bit-identical)
-            torch.manual_seed(self.cfg.seed * 1000 + self.dist.rank + 1 + 7919 * state["step"])
-            return
-        rng = state["rng"][self.dist.rank]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        saved_on = state["rng"][0]["device"]
+        if len(state["rng"]) == self.dist.world_size and saved_on == self.device.type:
+            self.set_random_states(state["rng"][self.dist.rank])
+            return None
+        # another number of processes, or another kind of device (whose generator's state does
+        # not fit: a CPU one is 5,056 bytes, a CUDA one 16): weights, optimizer, data order and
+        # augmentation carry over exactly, the random streams start afresh from (seed, rank,
+        # step), so the run is not bit-identical
+        torch.manual_seed(self.cfg.seed * 1000 + self.dist.rank + 1 + 7919 * state["step"])
+        if saved_on != self.device.type:
+            return (f"the checkpoint was saved on {saved_on}, this run is on {self.device.type}: "
+                    f"its random streams (drop path, token dropping) are re-seeded")
+        return (f"the checkpoint was saved by {len(state['rng'])} processes, this run has "
+                f"{self.dist.world_size}: the random streams are re-seeded")
 
 
 def save_checkpoint(state: dict, path: str) -> None:
@@ -906,21 +980,65 @@ def save_checkpoint(state: dict, path: str) -> None:
         torch.save(state, f)
 
 
+RNG_KEYS = {"python", "python_gauss", "numpy", "numpy_pos", "numpy_gauss", "torch", "device"}
+
+
+def checkpoint_mismatch(state) -> Optional[str]:
+    """Why `state` is not a checkpoint this version can resume (None when it is): every key and
+    type, and weights whose names and shapes are those of the saved config's model. Checked at
+    load, so that a checkpoint of another version is one line, not a load_state_dict traceback."""
+    if not (isinstance(state, dict) and {"config", "step", "elapsed", "model", "optimizer", "rng"}
+            <= state.keys()):
+        return "keys missing"
+    saved = state["config"]
+    if not isinstance(saved, dict) or not set(saved) <= set(CONFIG_FIELDS):
+        return "config fields this version does not know"
+    for name, value in saved.items():
+        kind = type(CONFIG_FIELDS[name].default)
+        if not (type(value) is kind or (kind is float and type(value) is int)):
+            return f"config field {name} is {type(value).__name__}, expected {kind.__name__}"
+    try:
+        cfg = Config(**saved)
+        validate(cfg)
+    except UsageError as e:
+        return f"its config is invalid ({e})"
+    with torch.random.fork_rng(devices=[]):  # building initialises: leave the caller's RNG be
+        expected = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
+    weights = state["model"]
+    if not (isinstance(weights, dict) and weights.keys() == expected.keys()
+            and all(isinstance(v, torch.Tensor) and v.shape == expected[k] for k, v in weights.items())):
+        return "weights that do not match its config's model"
+    optimizer = state["optimizer"]
+    if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= optimizer.keys()
+            and isinstance(optimizer["param_groups"], list) and len(optimizer["param_groups"]) == 2):
+        return "an optimizer state of another layout"
+    rng = state["rng"]
+    if not (isinstance(rng, list) and rng and all(isinstance(r, dict) and RNG_KEYS <= r.keys()
+                                                     for r in rng)):
+        return "random states of another layout"
+    if not (isinstance(state["step"], int) and state["step"] >= 0):
+        return "a step that is not a count"
+    return None
+
+
 def load_checkpoint(path: str) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
         raise UsageError(f"--resume {path}: no checkpoint there (expected a run folder or ckpt.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: a file from elsewhere may hold objects whose unpickling runs code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise UsageError(f"--resume {path}: refused, it holds "
+                         f"{found.group(1) if found else 'an object'}, which is not a tensor, "
+                         f"number or string (nothing was run)") from None
     except Exception as e:  # truncated or foreign file
         raise UsageError(f"--resume {path}: unreadable checkpoint ({type(e).__name__})") from None
-    # a bare state_dict, or a config field this version does not know, would fail later as a
-    # traceback; older checkpoints lacking newer fields are fine (Config fills the defaults)
-    if not (isinstance(state, dict) and {"config", "step", "model", "optimizer"} <= state.keys()
-            and isinstance(state.get("rng"), list) and set(state["config"]) <= set(CONFIG_FIELDS)):
+    why = checkpoint_mismatch(state)
+    if why:
         raise UsageError(f"--resume {path}: not a checkpoint of this trainer (or of another "
-                         f"version of it)")
+                         f"version of it: {why})")
     return state
 
 
@@ -1033,15 +1151,16 @@ class RunFolder:
         if not trainer.all_finite(trainer.model.parameters()):
             raise self.fault(f"non-finite weights after step {step}")
         state = trainer.state_dict(step, elapsed, {"skipped": skipped})
-        if self.main:
-            save_checkpoint(state, self.ckpt_path)
-        if self.dist.world_size > 1:  # no rank moves on (or exits) before the file is in place
-            torch.distributed.barrier()
+        failed = save_checkpoint(state, self.ckpt_path) if self.main else None
+        # also a sync: no rank moves on (or exits) before the file is in place
+        if not trainer.everywhere(failed is None):
+            raise self.fault(f"could not write the checkpoint after step {step} "
+                             f"({failed or 'on the first process'})", "free some disk space")
 
-    def fault(self, what: str) -> UsageError:
+    def fault(self, what: str, advice: str = "try a lower --lr") -> UsageError:
         kept = (f"the last good checkpoint {self.ckpt_path} is intact"
                 if os.path.exists(self.ckpt_path) else "no checkpoint was written")
-        return UsageError(f"{what}; {kept} (try a lower --lr)")
+        return UsageError(f"{what}; {kept} ({advice})")
 
 
 class Budget:
@@ -1148,6 +1267,7 @@ class Meter:
 
 def setup_device(cfg: Config, dist: Dist) -> torch.device:
     device = pick_device(cfg.device)
+    check_kernels(cfg.kernels, device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
     if device.type == "cuda":
@@ -1185,7 +1305,7 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     log = print if dist.main else (lambda *a, **k: None)
     device = setup_device(cfg, dist)
     trainer = Trainer(cfg, load_data(cfg, dist, log), device, dist)
-    step, prior_elapsed, skipped = trainer.resume(resume_state)
+    step, prior_elapsed, skipped = trainer.resume(resume_state, log)
     if eval_only:
         result = trainer.evaluate()
         log(f"test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) at step {step}")
@@ -1345,8 +1465,15 @@ def variant_table() -> str:
     return "\n".join(rows)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: one line and exit code 2 from main, no usage dump."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Train the paper's Tiny ViT (or a variant) on CIFAR-10, data and augmentation "
                     "on the device. Presets set defaults; any flag below overrides them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1377,10 +1504,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     start = time.monotonic()
-    args = vars(build_parser().parse_args(argv))
-    variant, resume, eval_only = args.pop("variant", None), args.pop("resume"), args.pop("eval_only")
-    overwrite = args.pop("overwrite")
     try:
+        args = vars(build_parser().parse_args(argv))
+        variant, resume, eval_only = args.pop("variant", None), args.pop("resume"), args.pop("eval_only")
+        overwrite = args.pop("overwrite")
         if args.pop("list_variants"):
             print(variant_table())
             return 0

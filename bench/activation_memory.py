@@ -16,7 +16,7 @@ does. bf16 is autocast on CPU, which
 keeps softmax in bf16; CUDA's autocast runs it in fp32, so on a GPU the math path saves more
 than shown here and the kernels' saving is larger.
 """
-import argparse
+import sys
 
 import torch
 
@@ -53,14 +53,16 @@ def attention_call_bytes(backend: str, heads=12, tokens=65, head_dim=16, dtype=t
     return saved_activation_bytes(lambda: kernels.attention(q, k, v, head_dim ** -0.5), exclude=[qkv])
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv=None) -> int:
+    ap = common.Parser(prog="bench/activation_memory.py", description=__doc__)
     ap.add_argument("--variants", nargs="+", default=["baseline", "mla-q", "mla-qkv", "mcls"],
                     help="presets to count (see python speedrun.py --list-variants)")
     ap.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--backend", default="reference", choices=["reference", "triton"],
                     help="what 'kernels on' runs (triton: set TRITON_INTERPRET=1 on CPU)")
     args = ap.parse_args(argv)
+    for v in args.variants:  # every name checked before the first one is measured
+        speedrun.resolve_config(v)
 
     for precision in args.precision:
         rows = {v: (per_image(v, "torch", precision), per_image(v, args.backend, precision))
@@ -80,7 +82,12 @@ def main(argv=None):
     math, fused = attention_call_bytes("torch", dtype=dtype), attention_call_bytes(args.backend, dtype=dtype)
     print(f"\none attention call (12 heads, 65 tokens, D 16, bf16), saved beyond q/k/v, per image: "
           f"math path {math} B, kernel {fused} B ({fused / math:.2f}x)")
+    return 0
+
+
+def main(argv=None) -> int:
+    return common.run_main(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,15 +38,11 @@ PAPER_DEVICE = "RTX 3090"
 # ----------------------------------------------------------------------------------------------
 # CLI: one-line errors, config flags shared by every script
 
-class Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError (one line, exit 2 from main) instead of printing usage."""
+class Parser(speedrun.Parser):
+    """The trainer's one-line-error argparse, keeping the scripts' own description layout."""
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-
-    def error(self, message):
-        raise UsageError(message)
-
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """Flags that pick the configuration: the same meaning as speedrun.py's flags."""
@@ -71,6 +67,17 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                              "default. On a shared, loaded machine 1 avoids threads waiting on each "
                              "other [0]")
     parser.add_argument("--out", default="", help="output folder (default: see above)")
+
+
+def check_ranges(args, ranges: dict) -> None:
+    """Refuse the first flag outside its stated range, e.g. {"--batch-size": "[1, inf)"}, in the
+    order given (a list flag: each of its values; a flag left at None was not given)."""
+    for flag, interval in ranges.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        for item in value if isinstance(value, list) else [value]:
+            error = None if item is None else speedrun.range_error(flag, item, interval)
+            if error:
+                raise UsageError(error)
 
 
 def _parse_value(key: str, text: str):
@@ -115,8 +122,7 @@ def parse_overrides(items, reserved: dict = None) -> dict:
 def config_from_args(args, reserved: dict = None, **fixed) -> speedrun.Config:
     """The trainer's Config for these flags: preset, then --set, then the device flags.
     Also applies --threads (run_main restores the thread count afterwards)."""
-    if args.threads < 0:
-        raise UsageError("--threads must be >= 0")
+    check_ranges(args, {"--threads": "[0, inf)"})
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.set, reserved)

@@ -40,14 +40,18 @@ def build_parser() -> common.Parser:
     return p
 
 
-def run_one(args, precision: str, seed: int, out: str) -> dict:
+def run_config(args, precision: str, seed: int, out: str) -> speedrun.Config:
     # no time budget: both precisions follow the same step-based schedule whatever their speed
     reserved = {"max_steps": "--max-steps", "batch_size": "--batch-size", "seed": "--seeds",
                 "time_budget": "--max-steps (the runs are step-based)"}
     cfg = common.config_from_args(args, reserved, max_steps=args.max_steps, time_budget=0.0,
                                   batch_size=args.batch_size, seed=seed, data=args.data, out=out)
-    cfg = dataclasses.replace(cfg, precision=precision)
+    return dataclasses.replace(cfg, precision=precision)
+
+
+def run_one(cfg: speedrun.Config) -> dict:
     summary = speedrun.train(cfg, overwrite=True)
+    precision, seed, out = cfg.precision, cfg.seed, cfg.out
     with open(os.path.join(out, "metrics.jsonl")) as f:
         train = [row for row in map(json.loads, f) if row["kind"] == "train"]
     return {"precision": precision, "seed": seed, "steps": summary["steps"],
@@ -87,21 +91,23 @@ def markdown(runs: list, stats: dict, args) -> str:
 
 def body(argv) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_steps <= 0 or args.batch_size <= 0:
-        raise UsageError("--max-steps and --batch-size must be positive")
+    common.check_ranges(args, {"--max-steps": "[1, inf)", "--batch-size": "[1, inf)",
+                               "--seeds": speedrun.RANGES["seed"]})
     if args.precision != "auto":
         raise UsageError("--precision: this script runs both fp32 and bf16")
     if len(set(args.seeds)) < 2:
         raise UsageError("give at least two different --seeds: the noise is their spread")
     device = speedrun.pick_device(args.device)
     out = args.out or os.path.join(common.RESULTS, f"precision-{args.variant}-{device.type}")
+    # every run's config checked before anything is written
+    configs = [run_config(args, precision, seed, os.path.join(out, f"{precision}-seed{seed}"))
+               for seed in args.seeds for precision in PRECISIONS]
     os.makedirs(out, exist_ok=True)
     runs = []
-    for seed in args.seeds:
-        for precision in PRECISIONS:
-            runs.append(run_one(args, precision, seed, os.path.join(out, f"{precision}-seed{seed}")))
-            print(f"{precision} seed {seed}: loss {runs[-1]['loss']:.4f}, "
-                  f"test acc {runs[-1]['test_acc']:.2f} %", flush=True)
+    for cfg in configs:
+        runs.append(run_one(cfg))
+        print(f"{cfg.precision} seed {cfg.seed}: loss {runs[-1]['loss']:.4f}, "
+              f"test acc {runs[-1]['test_acc']:.2f} %", flush=True)
     stats = compare(runs)
     table = markdown(runs, stats, args)
     with open(os.path.join(out, "results.json"), "w") as f:

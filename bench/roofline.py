@@ -27,14 +27,13 @@ Peaks (dense, no sparsity):
 * exp2: 16 results/clock/SM (CUDA C++ Programming Guide, arithmetic instruction throughput,
   compute capability 8.x and 9.0): H100 SXM 132 SMs × 1.98 GHz, RTX 3090 82 SMs × 1.695 GHz.
 """
-import argparse
 import math
 import sys
 from dataclasses import dataclass
 
 import torch
 
-import common  # noqa: F401  first: puts the repository root on sys.path
+import common  # first: puts the repository root on sys.path
 from kernels.flash_attn import attn_config
 
 GPUS = {  # name: (bytes/s, bf16 FLOP/s, exp2/s)
@@ -164,10 +163,11 @@ def row(name, shape, direction, path, cost: Cost):
             f"{cost.launches:>3} {h100:>8.1f} {h100_exp:>6.1f} {r3090:>8.1f} {r3090_exp:>6.1f}")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=256)
+def run(argv=None) -> int:
+    ap = common.Parser(prog="bench/roofline.py", description=__doc__)
+    ap.add_argument("--batch", type=int, default=256, help="images per call [256]")
     args = ap.parse_args(argv)
+    common.check_ranges(args, {"--batch": "[1, inf)"})
     B = args.batch
     print(f"{'kernel':<10} {'shape':<18} {'dir':<4} {'path':<15} {'MB':>8} {'GFLOP':>7} {'#k':>3} "
           f"{'H100 µs':>8} {'exp µs':>6} {'3090 µs':>8} {'exp µs':>6}")
@@ -191,7 +191,12 @@ def main(argv=None):
         print(row("mla-q q", shape, direction, "B fused q-attn", b))
     print("\n#k: kernel launches. µs: max(bytes/BW, FLOPs/peak) per call; exp µs: exponentials at "
           "16/clk/SM, a separate bound.")
+    return 0
+
+
+def main(argv=None) -> int:
+    return common.run_main(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -288,11 +288,8 @@ def plot(report, path):
 
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.batch_sizes or min(args.batch_sizes) < 1:
-        raise UsageError("--batch-sizes must be positive integers")
-    if args.repeats < 1 or (args.steps is not None and args.steps < 1) or \
-            (args.warmup is not None and args.warmup < 0):
-        raise UsageError("--repeats and --steps must be >= 1, --warmup >= 0")
+    common.check_ranges(args, {"--batch-sizes": "[1, inf)", "--repeats": "[1, inf)",
+                               "--steps": "[1, inf)", "--warmup": "[0, inf)"})
     device = speedrun.pick_device(args.device)
     cuda = device.type == "cuda"
     timing = (5 if cuda else 1) if args.warmup is None else args.warmup, args.repeats, \

@@ -203,12 +203,12 @@ def plot(ours, paper, label, path):
 
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    common.check_ranges(args, {"--batch-size": "[1, inf)", "--wait": "[0, inf)",
+                               "--warmup": "[0, inf)", "--active": "[1, inf)"})
     device = speedrun.pick_device(args.device)
     if args.wait is None:
         args.wait = 3 if device.type == "cuda" else 1
-    if args.wait < 0 or args.warmup < 0 or args.active < 1:
-        raise UsageError("--wait and --warmup must be >= 0, --active >= 1")
-    batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
+    batch_size = args.batch_size if args.batch_size is not None else 256 if device.type == "cuda" else 64
     cfg = common.config_from_args(args, {"batch_size": "--batch-size"}, batch_size=batch_size)
     out = args.out or common.default_out("profile", cfg, device)
     os.makedirs(out, exist_ok=True)

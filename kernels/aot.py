@@ -33,7 +33,10 @@ import torch
 from . import flash_attn as attention, lowrank
 
 TARGETS = (80, 86, 90)
-SMEM_LIMIT_SM86 = 99 * 1024  # opt-in maximum per block on sm_86 (sm_80: 163 KB, sm_90: 227 KB)
+# opt-in shared memory per block of each target these kernels can build for (bf16 tensor cores:
+# sm_80 and newer); one configuration serves every GPU, so each must fit the smallest, sm_86's
+SMEM_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+SMEM_LIMIT_SM86 = SMEM_LIMITS[86]
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 CACHE = Path(os.environ.get("VITK_AOT_CACHE", Path.home() / ".cache" / "vitk-aot"))
 
@@ -265,18 +268,51 @@ def sweep(which: str, n: int, d: int, dtype, latent: int = 0, block_ms=(16, 32),
     return out
 
 
+class UsageError(Exception):
+    """Bad flags: one line `error: ...`, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _sweep_args(kernel, n, d, dtype, latent):
+    """--sweep's five words, checked: (kernel, N, D, torch dtype, latent)."""
+    names = {v: k for k, v in DTYPES.items()}
+    if kernel not in ATTN_KERNELS:
+        raise UsageError(f"--sweep KERNEL must be one of {', '.join(ATTN_KERNELS)} (got {kernel!r})")
+    if not (n.isdigit() and 1 <= int(n) <= attention.MAX_SEQ):
+        raise UsageError(f"--sweep N must be in [1, {attention.MAX_SEQ}] (got {n!r})")
+    if not (d.isdigit() and int(d) in attention.HEAD_DIMS):
+        raise UsageError(f"--sweep D must be one of {', '.join(map(str, attention.HEAD_DIMS))} "
+                         f"(got {d!r})")
+    if dtype not in names:
+        raise UsageError(f"--sweep DTYPE must be one of {', '.join(names)} (got {dtype!r})")
+    if not latent.isdigit():
+        raise UsageError(f"--sweep LATENT must be an integer >= 0 (got {latent!r})")
+    return kernel, int(n), int(d), names[dtype], int(latent)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, nargs="+", default=list(TARGETS))
-    ap.add_argument("--jobs", type=int, default=1, help="parallel compiles (the machine may be shared)")
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, nargs="+", default=list(TARGETS), choices=sorted(SMEM_LIMITS),
+                    help=f"targets, sm_XY as XY [{' '.join(map(str, TARGETS))}]")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="parallel compiles, at least 1 (the machine may be shared) [1]")
     ap.add_argument("--sweep", nargs=5, metavar=("KERNEL", "N", "D", "DTYPE", "LATENT"),
                     help="try block/warp settings for one attention config, e.g. bwd 65 16 bf16 0")
-    args = ap.parse_args(argv)
-    if args.sweep:
-        which, n, d, dt, latent = args.sweep
-        dtype = {v: k for k, v in DTYPES.items()}[dt]
+    try:
+        args = ap.parse_args(argv)
+        if args.jobs < 1:
+            raise UsageError(f"--jobs must be in [1, inf) (got {args.jobs})")
+        sweep_args = args.sweep and _sweep_args(*args.sweep)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if sweep_args:
         print("BLOCK_M warps worst-regs worst-smem worst-spill sm86-warps/SM")
-        for row in sweep(which, int(n), int(d), dtype, int(latent)):
+        for row in sweep(*sweep_args):
             print("%7d %5d %10d %10d %11d %13d" % row)
         return 0
     rows = run(all_builds(), args.arch, args.jobs)

@@ -66,7 +66,7 @@ def test_unfinished_variant_is_restarted_with_overwrite(tiny_cifar, tmp_path, mo
 
 @pytest.mark.parametrize("argv, message", [
     (["--variants", "baseline,mcsl"], "did you mean mcls"),
-    (["--variants", "baseline", "--batch-size", "0"], "--batch-size must be positive"),
+    (["--variants", "baseline", "--batch-size", "0"], "--batch-size must be in [1, inf) (got 0)"),
     (["--variants", "baseline,baseline"], "twice"),
     (["--variants", "baseline", "--epochs", "1"], "not allowed with argument --epochs"),
 ])

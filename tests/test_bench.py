@@ -6,12 +6,15 @@ import pytest
 import torch
 
 import speedrun as S
+import activation_memory as A
 import common
 import reference_model
+import roofline as R
 import precision as Pr
 import trace_step as P
 import throughput as T
 import record
+from kernels import aot
 
 TINY = ["--set", "width=32", "depth=1", "heads=2", "--device", "cpu", "--compile", "off", "--threads", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -152,7 +155,7 @@ def test_help_explains_every_flag(capsys):
 
 
 @pytest.mark.parametrize("main, argv, message", [
-    (T.main, ["--batch-sizes", "0"], "--batch-sizes must be positive"),
+    (T.main, ["--batch-sizes", "0"], "--batch-sizes must be in [1, inf) (got 0)"),
     (T.main, ["--batch-sizes", "x"], "invalid int value"),
     (T.main, ["--set", "widht=32"], "did you mean width"),
     (T.main, ["--set", "width"], "KEY=VALUE"),
@@ -162,17 +165,37 @@ def test_help_explains_every_flag(capsys):
     (T.main, ["--variant", "spt", "--compare-reference"], "patch_embed='spt'"),
     (T.main, ["--data", "/nonexistent/cifar.tar.gz"], "/nonexistent/cifar.tar.gz"),
     (T.main, ["--no-such-flag"], "unrecognized arguments"),
-    (P.main, ["--active", "0"], "--active >= 1"),
+    (P.main, ["--active", "0"], "--active must be in [1, inf) (got 0)"),
     (P.main, ["--set", "depth=two"], "not a valid int"),
     (P.main, ["--device", "tpu"], "unknown --device"),
     (Pr.main, ["--seeds", "3", "3"], "at least two different --seeds"),
     (Pr.main, ["--precision", "bf16"], "runs both fp32 and bf16"),
     (Pr.main, ["--set", "seed=1"], "use --seeds"),
+    (Pr.main, ["--seeds", "0", "-1"], "--seeds must be in [0, 4294967295] (got -1)"),
+    (Pr.main, ["--max-steps", "0"], "--max-steps must be in [1, inf) (got 0)"),
+    (T.main, ["--warmup", "-1"], "--warmup must be in [0, inf) (got -1)"),
+    (T.main, ["--threads", "-2"], "--threads must be in [0, inf) (got -2)"),
+    (P.main, ["--batch-size", "0"], "--batch-size must be in [1, inf) (got 0)"),
+    (P.main, ["--set", "heads=0"], "--heads must be in [1, inf) (got 0)"),
+    (A.main, ["--variants", "baseline", "nope"], "unknown variant 'nope'"),
+    (A.main, ["--variants", "mla-qq+fused-q"], "did you mean mla-q"),
+    (R.main, ["--batch", "0"], "--batch must be in [1, inf) (got 0)"),
+    (R.main, ["--batch", "-3"], "--batch must be in [1, inf) (got -3)"),
+    (aot.main, ["--arch", "75"], "invalid choice: 75 (choose from 80, 86, 89, 90)"),
+    (aot.main, ["--arch", "0"], "invalid choice: 0"),
+    (aot.main, ["--arch", "sm_90"], "invalid int value: 'sm_90'"),
+    (aot.main, ["--jobs", "0"], "--jobs must be in [1, inf) (got 0)"),
+    (aot.main, ["--sweep", "fwd", "65", "12", "bf16", "0"], "--sweep D must be one of 8, 16, 32, 64"),
+    (aot.main, ["--sweep", "up", "65", "16", "bf16", "0"], "--sweep KERNEL must be one of fwd, bwd"),
+    (aot.main, ["--sweep", "fwd", "x", "16", "bf16", "0"], "--sweep N must be in [1, 128]"),
+    (aot.main, ["--sweep", "fwd", "65", "16", "int8", "0"], "--sweep DTYPE must be one of"),
 ])
 def test_bad_input_is_one_line_exit_2(main, argv, message, capsys, tmp_path):
-    assert main(argv + ["--out", str(tmp_path / "out")]) == 2
+    writes = main in (T.main, P.main, Pr.main)  # the others have no --out
+    assert main(argv + (["--out", str(tmp_path / "out")] if writes else [])) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_precision_runs_both_over_seeds_and_reports_the_difference(tiny_cifar, tmp_path, capsys):

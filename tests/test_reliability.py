@@ -6,6 +6,7 @@ on CPU with one thread (the development machine has two shared cores), so the fi
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -108,7 +109,7 @@ def records(run, kind):
 
 
 def load_ckpt(run):
-    return torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=True)
 
 
 def assert_same_tensors(a, b, path="state"):
@@ -207,6 +208,10 @@ BAD_DATA = {
         labels=[-1] + [0] * 12)(b)), "labels run from -1 to 0, expected 0..9"),
     "batch not a dict": (lambda tmp, b: write_archive(tmp / "a.tar.gz", {**b, "data_batch_2": [1, 2]}),
                          "holds a list, expected a dict"),
+    "empty test batch": (lambda tmp, b: write_archive(tmp / "a.tar.gz", _bad(
+        "test_batch", data=np.zeros((0, 3072), np.uint8), labels=[])(b)), "test_batch: holds no images"),
+    "empty training batch": (lambda tmp, b: write_archive(tmp / "a.tar.gz", _bad(
+        data=np.zeros((0, 3072), np.uint8), labels=[])(b)), "data_batch_3: holds no images"),
     "hostile pickle": (lambda tmp, b: write_archive(tmp / "a.tar.gz", {
         **b, "data_batch_1": pickle.dumps(_Hostile(), protocol=2)}), "unexpected object"),
 }
@@ -287,15 +292,64 @@ def test_failed_download_is_refused_and_removed(failure, tmp_path, monkeypatch, 
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
+def _outside(interval, integer):
+    """Values just outside a stated range (speedrun.RANGES), NaN and the infinities for floats."""
+    low, high = (t.strip() for t in interval[1:-1].split(","))
+    below = float(low) - (0 if interval[0] == "(" else 1)
+    above = [] if high == "inf" else [1e9 if high.startswith("--") else float(high) + (interval[-1] == "]")]
+    values = [below] + above + ([] if integer else [math.nan, math.inf, -math.inf])
+    return [str(int(v)) if integer else repr(v) for v in values]
+
+
+# every flag's bad values: one line, exit 2, and nothing written (each check runs only once those
+# before it passed, so one bad value never crashes the check of another)
+BAD_FLAGS = [
     (["--variant", "mcsl"], "unknown variant 'mcsl'; did you mean mcls"),
     (["--variant", "mla-qq"], "did you mean mla-q"),
-    (["--batch-size", "0"], "--batch-size must be positive (got 0)"),
-    (["--batch-size", "-16"], "--batch-size must be positive (got -16)"),
-    (["--lr", "-0.001"], "--lr and --min-lr must not be negative"),
-    (["--epochs", "0"], "--epochs must be positive"),
-])
-def test_bad_numbers_and_names_are_refused(argv, message, archive, tmp_path, old_run, capsys):
+    (["--heads", "0"], "--heads must be in [1, inf) (got 0)"),
+    (["--patch-size", "0"], "--patch-size must be in [2, 32] (got 0)"),
+    (["--patch-size", "-4"], "--patch-size must be in [2, 32] (got -4)"),
+    (["--patch-size", "6"], "--patch-size must be even and divide 32 (got 6)"),
+    (["--width", "30", "--heads", "4"], "--width 30 is not divisible by --heads 4"),
+    (["--width", "nan"], "argument --width: invalid int value: 'nan'"),
+    (["--mlp-ratio", "-1"], "--mlp-ratio must be in (0, inf) (got -1.0)"),
+    (["--mlp-ratio", "nan"], "--mlp-ratio must be in (0, inf) (got nan)"),
+    (["--mlp-ratio", "0.01"], "--mlp-ratio 0.01 leaves the MLP of width 32 without a unit"),
+    (["--epochs", "inf"], "--epochs must be in (0, inf) (got inf)"),
+    (["--epochs", "0"], "--epochs must be in (0, inf) (got 0.0)"),
+    (["--lr", "nan"], "--lr must be in [0, inf) (got nan)"),
+    (["--lr", "-0.001"], "--lr must be in [0, inf) (got -0.001)"),
+    (["--min-lr", "0.01"], "--min-lr must be in [0, --lr] (got 0.01; --lr is 0.002)"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs must be in [0, inf) (got nan)"),
+    (["--eval-every", "inf"], "--eval-every must be in (0, inf) (got inf)"),
+    (["--time-budget", "-1"], "--time-budget must be in [0, inf) (got -1.0)"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295] (got -1)"),
+    (["--batch-size", "0"], "--batch-size must be in [1, inf) (got 0)"),
+    (["--batch-size", "-16"], "--batch-size must be in [1, inf) (got -16)"),
+    (["--cait-blocks", "2"], "--cait-blocks must be in [0, --depth] (got 2; --depth is 1)"),
+    (["--mla", "qx"], "--mla takes letters from 'qkv'"),
+    (["--whiten", "--patch-embed", "spt"], "--whiten sets conv patch filters: it needs --patch-embed conv"),
+    (["--pool", "cls", "--num-cls", "0"], "--num-cls must be >= 1 with CLS pooling"),
+    (["--pos-emb", "sin", "--width", "34"], "sin position embedding needs width % 4 == 0"),
+    (["--pos-emb", "spiral"], "argument --pos-emb: invalid choice: 'spiral'"),
+    (["--device", "meta"], "unknown --device 'meta' (use auto, cpu, cuda or cuda:N)"),
+    (["--device", "cpu:1"], "unknown --device 'cpu:1'"),
+    (["--kernels", "triton", "--device", "cpu"], "--kernels triton runs on CUDA; on cpu only in "
+                                                 "Triton's interpreter"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+] + [([f"--{name.replace('_', '-')}={value}"], f"--{name.replace('_', '-')} must be in {interval}")
+     for name, interval in S.RANGES.items()
+     for value in _outside(interval, type(S.CONFIG_FIELDS[name].default) is int)]
+
+
+def test_every_numeric_flag_states_its_range():
+    numeric = {name for name, f in S.CONFIG_FIELDS.items() if type(f.default) in (int, float)}
+    assert set(S.RANGES) == numeric
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_are_refused(argv, message, archive, tmp_path, old_run, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     refused(capsys, ["--data", archive, "--out", str(tmp_path / "new")] + TINY + argv, message)
     assert not (tmp_path / "new").exists()
     refused(capsys, ["--data", archive, "--out", str(old_run), "--overwrite"] + TINY + argv, message,
@@ -334,22 +388,105 @@ def test_resume_into_another_recipe_is_refused(argv, message, old_run, capsys):
     refused(capsys, ["--resume", str(old_run)] + argv, message, old_run)
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate", "unreadable checkpoint"),
-    ("foreign", "not a checkpoint of this trainer"),
-    ("older layout", "not a checkpoint of this trainer"),
-])
-def test_damaged_checkpoint_is_refused(damage, message, old_run, capsys):
+def _renamed_weight(state):
+    state["model"]["head.w"] = state["model"].pop("head.weight")
+
+
+def _config_wider_than_weights(state):
+    state["config"]["width"] = 64
+
+
+# a checkpoint of another version of the trainer, or not of it at all
+DAMAGED_CHECKPOINTS = {
+    "truncated": (lambda path: _mangle(path, keep=0.5), "unreadable checkpoint"),
+    "a bare state_dict": (lambda path: torch.save(S.build_model(S.resolve_config(
+        "baseline", width=32, heads=2)).state_dict(), path), "not a checkpoint of this trainer"),
+    "unknown config field": (lambda s: s["config"].update(retired_flag=1), "does not know"),
+    "config field of another type": (lambda s: s["config"].update(width="32"),
+                                     "config field width is str, expected int"),
+    "invalid config": (lambda s: s["config"].update(heads=0), "its config is invalid"),
+    "renamed weight": (_renamed_weight, "weights that do not match"),
+    "missing weight": (lambda s: s["model"].pop("norm.bias"), "weights that do not match"),
+    "config shapes differ from its weights": (_config_wider_than_weights, "weights that do not match"),
+    "optimizer of another layout": (lambda s: s["optimizer"].pop("param_groups"),
+                                    "optimizer state of another layout"),
+    "random states of another layout": (lambda s: s["rng"][0].pop("numpy"),
+                                        "random states of another layout"),
+    "no step": (lambda s: s.pop("step"), "keys missing"),
+}
+
+
+@pytest.mark.parametrize("damage, message", list(DAMAGED_CHECKPOINTS.values()),
+                         ids=list(DAMAGED_CHECKPOINTS))
+def test_damaged_or_foreign_checkpoint_is_one_line(damage, message, old_run, capsys):
     path = old_run / "ckpt.pt"
-    if damage == "truncate":
-        _mangle(path, keep=0.5)
-    elif damage == "foreign":  # e.g. someone's bare state_dict
-        torch.save(S.build_model(S.resolve_config("baseline", width=32, heads=2)).state_dict(), path)
-    else:  # a config field this version does not know
+    if damage.__code__.co_varnames[:1] == ("path",):
+        damage(path)
+    else:
         state = load_ckpt(old_run)
-        state["config"]["retired_flag"] = 1
+        damage(state)
         torch.save(state, path)
-    refused(capsys, ["--resume", str(old_run)], message, old_run)
+    for extra in ([], ["--eval-only"]):
+        refused(capsys, ["--resume", str(old_run)] + extra, message, old_run)
+
+
+class _Payload:
+    """Unpickling it runs a shell command that leaves a file behind."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_that_would_run_code_is_refused_unrun(old_run, tmp_path, capsys):
+    """A real checkpoint plus one object whose unpickling runs a command: refused unread."""
+    marker = tmp_path / "pwned"
+    state = load_ckpt(old_run)
+    state["extra"] = _Payload(marker)
+    torch.save(state, old_run / "ckpt.pt")
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload works: it does run when unpickled
+    assert marker.exists()
+    marker.unlink()
+    for extra in (["--eval-only"], []):
+        refused(capsys, ["--resume", str(old_run)] + extra,
+                "refused, it holds posix.system, which is not a tensor, number or string", old_run)
+        assert not marker.exists()
+
+
+def test_checkpoint_holds_only_tensors_numbers_and_strings(finished_run):
+    def leaves(value):
+        if isinstance(value, dict):
+            return [leaf for v in value.values() for leaf in leaves(v)]
+        if isinstance(value, (list, tuple)):
+            return [leaf for v in value for leaf in leaves(v)]
+        return [value]
+    kinds = {type(leaf) for leaf in leaves(load_ckpt(finished_run))}
+    assert kinds <= {torch.Tensor, int, float, str, bool, type(None)}, kinds
+
+
+def test_resume_on_another_device_reseeds_and_says_so(archive, finished_run, tmp_path, capsys):
+    """A checkpoint written on CUDA (the CUDA generator's state is 16 bytes, a CPU one's 5,056),
+    resumed on CPU: faked by giving a CPU checkpoint a CUDA generator's state."""
+    cut = tmp_path / "cut"
+    assert S.main(["--data", archive, "--out", str(cut)] + TINY + ["--max-steps", "6"]) == 0
+    state = load_ckpt(cut)
+    for rng in state["rng"]:
+        rng.update(device="cuda", cuda=torch.zeros(16, dtype=torch.uint8))
+    torch.save(state, cut / "ckpt.pt")
+    os.remove(cut / "summary.json")
+    capsys.readouterr()
+    assert S.main(["--resume", str(cut), "--max-steps", "0"]) == 0
+    out, err = capsys.readouterr()
+    said = [line for line in out.splitlines() if "re-seeded" in line]
+    assert said == ["the checkpoint was saved on cuda, this run is on cpu: its random streams "
+                    "(drop path, token dropping) are re-seeded"], out
+    assert "Traceback" not in err
+    resumed = load_ckpt(cut)
+    assert resumed["step"] == 12 and resumed["rng"][0]["device"] == "cpu"
+    # weights and optimizer carried over; drop path's draws after step 6 are new ones
+    assert not torch.equal(resumed["model"]["head.weight"], load_ckpt(finished_run)["model"]["head.weight"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,7 +735,7 @@ def test_ddp_ranks_stay_identical_and_only_rank_0_writes(ddp_runs):
 def test_ddp_run_interrupted_on_one_rank_resumes_to_identical_weights(ddp_runs):
     """SIGINT reached rank 1 only; both ranks stopped at the same step, the checkpoint holds both
     ranks' random streams, and 2 processes resumed to the weights of the run left alone."""
-    cut = torch.load(os.path.join(ddp_runs, "cut.ckpt.pt"), weights_only=False)
+    cut = torch.load(os.path.join(ddp_runs, "cut.ckpt.pt"), weights_only=True)
     assert cut["step"] == 6 and len(cut["rng"]) == 2 and not torch.equal(*(r["torch"] for r in cut["rng"]))
     assert_same_training(os.path.join(ddp_runs, "whole"), os.path.join(ddp_runs, "cut"))
     assert_same_tensors(_weights(ddp_runs, "whole", 1), _weights(ddp_runs, "resumed", 1))

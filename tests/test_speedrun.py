@@ -169,8 +169,8 @@ def test_help_explains_every_flag(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--lr", "-1"], "must not be negative"),
+    (["--batch-size", "0"], "--batch-size must be in [1, inf) (got 0)"),
+    (["--lr", "-1"], "--lr must be in [0, inf) (got -1.0)"),
     (["--crop-pad", "20"], "--crop-pad must be in [0, 16]"),
     (["--token-keep", "0"], "--token-keep must be in (0, 1]"),
     (["--full-token-tail", "1.5"], "--full-token-tail must be in [0, 1]"),
