@@ -832,7 +832,11 @@ class Trainer:
 
     def all_finite(self, tensors) -> bool:
         """Whether every value is finite, on every rank (a host sync): ranks decide alike."""
-        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
+        return self.everywhere(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+    def everywhere(self, ok) -> bool:
+        """Whether `ok` (a bool, or a bool tensor on the device) holds on every rank (a sync)."""
+        ok = torch.as_tensor(ok, device=self.device).float()
         if self.dist.world_size > 1:
             torch.distributed.all_reduce(ok, torch.distributed.ReduceOp.MIN)
         return bool(ok)
@@ -974,10 +978,15 @@ class Trainer:
                 f"{self.dist.world_size}: the random streams are re-seeded")
 
 
-def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file, then rename: the last good checkpoint survives any crash."""
-    with data_gpu.atomic_write(path) as f:
-        torch.save(state, f)
+def save_checkpoint(state: dict, path: str) -> Optional[str]:
+    """Write to a temporary file, then rename: the last good checkpoint survives any crash.
+    Returns why the file could not be written (the old one is then as it was), else None."""
+    try:
+        with data_gpu.atomic_write(path) as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save's writer raises RuntimeError
+        return " ".join(f"{type(e).__name__}: {e}".split())
+    return None
 
 
 RNG_KEYS = {"python", "python_gauss", "numpy", "numpy_pos", "numpy_gauss", "torch", "device"}

@@ -52,13 +52,14 @@ def py2_pickle(obj) -> bytes:
     return buffer.getvalue()
 
 
-def write_archive(path, batches, folder="cifar-10-batches-py", meta=False):
-    """batches: file name -> batch dict (pickled as the official files are) or raw bytes."""
+def write_archive(path, batches, folder="cifar-10-batches-py", meta=False, mode="w:gz"):
+    """batches: file name -> batch dict (pickled as the official files are) or raw bytes;
+    mode "w": an uncompressed tar, whose size does not depend on the bytes it holds."""
     files = dict(batches)
     if meta:
         files["batches.meta"] = {b"label_names": [b"c%d" % i for i in range(10)],
                                  b"num_cases_per_batch": 10000}
-    with tarfile.open(path, "w:gz") as tar:
+    with tarfile.open(path, mode) as tar:
         for name, obj in files.items():
             raw = obj if isinstance(obj, bytes) else py2_pickle(obj)
             info = tarfile.TarInfo(f"{folder}/{name}")

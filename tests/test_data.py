@@ -121,7 +121,7 @@ def count_decodes(monkeypatch):
 
 def test_cache_is_used_rebuilt_when_stale_and_when_corrupt(tmp_path, monkeypatch):
     batches = batch_dicts()
-    archive = write_archive(tmp_path / "c.tar.gz", batches)
+    archive = write_archive(tmp_path / "c.tar", batches, mode="w")  # uncompressed: sizes are exact
     calls = count_decodes(monkeypatch)
     data_gpu.load_cifar10(archive, log=quiet)
     cache = archive + ".u8cache.pt"
@@ -129,20 +129,70 @@ def test_cache_is_used_rebuilt_when_stale_and_when_corrupt(tmp_path, monkeypatch
 
     monkeypatch.setattr(data_gpu, "_decode", lambda source: pytest.fail("decoded although cached"))
     check_loaded(data_gpu.load_cifar10(archive, log=quiet), batches)
+    stat = os.stat(archive)
+    os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: the same bytes
+    check_loaded(data_gpu.load_cifar10(archive, log=quiet), batches)
 
     calls = count_decodes(monkeypatch)
-    stat = os.stat(archive)
-    os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: stale
-    check_loaded(data_gpu.load_cifar10(archive, log=quiet), batches)
+    # replaced by other images of the same size, its mtime set back: stale all the same
+    other = batch_dicts(seed=1)
+    write_archive(archive, other, mode="w")
+    os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert os.stat(archive).st_size == stat.st_size
+    check_loaded(data_gpu.load_cifar10(archive, log=quiet), other)
     zeros = torch.zeros(15, 3, 32, 32, dtype=torch.uint8)
     for corrupt in (lambda: open(cache, "r+b").truncate(os.path.getsize(cache) // 2),
                     lambda: open(cache, "wb").write(b"garbage"),
                     lambda: torch.save({**torch.load(cache), "train_x": zeros}, cache)):  # fails its checksum
         corrupt()
-        check_loaded(data_gpu.load_cifar10(archive, log=quiet), batches)
+        check_loaded(data_gpu.load_cifar10(archive, log=quiet), other)
     assert len(calls) == 4
+    check_loaded(data_gpu.load_cifar10(archive, log=quiet), other)
+    assert len(calls) == 4
+
+
+def test_one_cache_for_the_data_reached_through_a_symlink(tmp_path, monkeypatch):
+    batches = batch_dicts()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "mine").mkdir()
+    archive = write_archive(tmp_path / "store" / "c.tar.gz", batches)
+    os.symlink(archive, tmp_path / "mine" / "linked.tar.gz")
+    os.symlink(tmp_path / "store", tmp_path / "store-link")
+    calls = count_decodes(monkeypatch)
+    for path in (archive, tmp_path / "mine" / "linked.tar.gz", tmp_path / "store-link" / "c.tar.gz",
+                 archive, tmp_path / "mine" / "linked.tar.gz"):
+        check_loaded(data_gpu.load_cifar10(str(path), log=quiet), batches)
+    assert len(calls) == 1
+    assert os.listdir(tmp_path / "mine") == ["linked.tar.gz"]
+
+
+def test_a_cache_write_that_fails_never_ends_the_load(tmp_path, monkeypatch):
+    """A full disk: torch.save's stream writer raises RuntimeError, not OSError."""
+    batches = batch_dicts()
+    archive = write_archive(tmp_path / "c.tar.gz", batches)
+
+    def full_disk(obj, f):
+        f.write(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed "
+                           "writing file data/0: file write failed")
+    monkeypatch.setattr(data_gpu.torch, "save", full_disk)
+    said = []
+    check_loaded(data_gpu.load_cifar10(archive, log=said.append), batches)
+    assert os.listdir(tmp_path) == ["c.tar.gz"]  # neither a cache nor a temporary file
+    assert any(line.startswith(f"not caching CIFAR-10 in {tmp_path} (RuntimeError: ") for line in said)
+
+
+def test_a_killed_cache_write_is_cleaned_up_on_the_next_start(tmp_path):
+    """SIGTERM's default action ends the process without an exception: atomic_write's clean-up
+    never runs and its temporary file stays; the next start removes it."""
+    batches = batch_dicts()
+    archive = write_archive(tmp_path / "c.tar.gz", batches)
+    left = [tmp_path / ".c.tar.gz.u8cache.pt.k1ll3d.tmp", tmp_path / ".c.tar.gz.u8cache.pt.x.tmp"]
+    for path in left:
+        path.write_bytes(b"half a cache")
+    (tmp_path / ".notes.tmp").write_bytes(b"someone else's")
     check_loaded(data_gpu.load_cifar10(archive, log=quiet), batches)
-    assert len(calls) == 4
+    assert sorted(os.listdir(tmp_path)) == [".notes.tmp", "c.tar.gz", "c.tar.gz.u8cache.pt"]
 
 
 def test_cache_goes_to_root_when_the_source_folder_is_read_only(tmp_path):

@@ -586,6 +586,30 @@ def test_nan_policy_skip_also_skips_nan_gradients(archive, tmp_path, monkeypatch
     assert all(torch.isfinite(t).all() for t in load_ckpt(out)["model"].values())
 
 
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_with_the_last_one_intact(
+        archive, tmp_path, monkeypatch, capsys):
+    """A full disk at the step-8 checkpoint: torch.save's writer raises RuntimeError midway."""
+    out, real_save, saves = tmp_path / "run", torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "optimizer" in obj:
+            saves.append(obj["step"])
+            if obj["step"] == 8:
+                f.write(b"half a checkpoint")
+                raise RuntimeError("[enforce fail at inline_container.cc:664] . "
+                                   "PytorchStreamWriter failed writing file data/3: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    refused(capsys, ["--data", archive, "--out", str(out)] + TINY,
+            f"could not write the checkpoint after step 8 (RuntimeError: [enforce fail at "
+            f"inline_container.cc:664] . PytorchStreamWriter failed writing file data/3: file write "
+            f"failed); the last good checkpoint {out / 'ckpt.pt'} is intact (free some disk space)",
+            mid_run=True)
+    monkeypatch.undo()
+    assert saves == [4, 8] and load_ckpt(out)["step"] == 4
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl"]  # no .tmp
+
+
 def test_out_of_memory_names_a_batch_size_that_fits(archive, tmp_path, monkeypatch, capsys):
     """CUDA's OutOfMemoryError, faked on CPU: a forward of more than 4 images 'does not fit'."""
     real_forward = S.ViT.forward
