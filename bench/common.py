@@ -44,6 +44,7 @@ class Parser(speedrun.Parser):
     def __init__(self, **kwargs):
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """Flags that pick the configuration: the same meaning as speedrun.py's flags."""
     parser.add_argument("--variant", default="baseline",
