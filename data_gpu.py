@@ -272,7 +272,7 @@ def _checksum(arrays):
     return crc
 
 
-def _writable(folder):
+def writable(folder):
     # mode bits too: root may write anywhere, but a read-only shared folder should stay untouched
     return os.access(folder, os.W_OK) and bool(os.stat(folder).st_mode & 0o222)
 
@@ -304,7 +304,7 @@ def _save_cache(path, meta, arrays, log):
     folder = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
-        if not _writable(folder):
+        if not writable(folder):
             return False
         with atomic_write(path) as f:  # a reader never sees half a cache
             torch.save({**arrays, "meta": meta, "crc": _checksum(arrays)}, f)

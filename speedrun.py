@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import sys
 import time
@@ -1048,7 +1049,7 @@ def load_checkpoint(path: str) -> dict:
     if why:
         raise UsageError(f"--resume {path}: not a checkpoint of this trainer (or of another "
                          f"version of it: {why})")
-    return state
+    return {**state, "path": path}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1075,17 +1076,28 @@ class Progress:
             sys.stderr.write("\n")
 
 
-class StopRequest:
-    """SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly."""
+class Stopped(Exception):
+    """A signal during the final evaluation (StopRequest(at_once=True))."""
 
-    def __init__(self):
-        self.signum = None
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: finish the current step, checkpoint, exit cleanly. at_once: raise Stopped
+    at once (the final evaluation, whose checkpoint is already written)."""
+
+    def __init__(self, at_once: bool = False):
+        self.signum, self.at_once = None, at_once
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
+        if self.at_once:
+            raise Stopped(signum)
         if self.signum is not None:  # asked twice: stop now, without the checkpoint
             raise KeyboardInterrupt
         self.signum = signum
@@ -1095,55 +1107,98 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "ckpt.pt", "summary.json")
+
+
+def finished_run(state: dict) -> Optional[dict]:
+    """The summary of the run whose checkpoint `state` is, when that run has finished."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(os.path.dirname(state["path"]), "summary.json")) as f:
+            summary = json.load(f)
+        if isinstance(summary, dict) and summary.get("steps") == state["step"]:
+            return summary
+    return None
+
+
 class RunFolder:
     """A run's files: config.json, metrics.jsonl (a JSON line per record), ckpt.pt, summary.json.
-    Every process holds one (all take part in checkpoints); only the first writes."""
+    Every process holds one (all take part in checkpoints); only the first writes.
 
-    def __init__(self, cfg: Config, resume_step: Optional[int], overwrite: bool, dist: Dist):
-        self.dist, self.main = dist, dist.main
+    Made in two stages: the constructor only checks, before the data is loaded; open() writes.
+    Until the run's first checkpoint is in place, a failure takes back what open() did
+    (abandon): the files it wrote go, and a run that --overwrite was replacing, kept aside in
+    .replaced/ meanwhile, comes back."""
+
+    def __init__(self, cfg: Config, resume_state: Optional[dict], overwrite: bool, dist: Dist):
+        self.cfg, self.dist, self.main = cfg, dist, dist.main
         self.out = cfg.out or os.path.join("runs", f"{cfg.variant.replace(',', '+')}-"
                                                    f"{time.strftime('%Y%m%d-%H%M%S')}")
         self.ckpt_path = os.path.join(self.out, "ckpt.pt")
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
-        resume = resume_step is not None
-        if os.path.exists(os.path.join(self.out, "config.json")) and not (resume or overwrite):
+        self.aside = os.path.join(self.out, ".replaced")
+        self.resume_step = resume_state["step"] if resume_state else None
+        source = os.path.dirname(resume_state["path"]) if resume_state else None
+        in_place = source is not None and os.path.realpath(source) == os.path.realpath(self.out)
+        self.source_metrics = os.path.join(source, "metrics.jsonl") if source else None
+        holds_run = os.path.exists(os.path.join(self.out, "config.json"))
+        if holds_run and not (in_place or overwrite):
+            if source is not None:
+                raise UsageError(f"--out {self.out} holds another run; --resume {source} writes into "
+                                 f"its own folder, an empty one, or with --overwrite this one")
             raise UsageError(f"{self.out} already holds a run; pass --resume {self.out} to continue "
                              f"it or --overwrite to replace it")
-        if self.main:
-            try:
-                os.makedirs(self.out, exist_ok=True)
-            except OSError as e:  # a file in the way, no permission
-                raise UsageError(f"--out {self.out}: cannot create the folder ({e.strerror})") from None
-            if overwrite and not resume:
-                for name in ("metrics.jsonl", "ckpt.pt", "summary.json"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(self.out, name))
-        if dist.world_size > 1:  # every rank has looked at the folder before rank 0 writes into it
-            torch.distributed.barrier()
+        self.replacing = holds_run and overwrite and not in_place
+        nearest = os.path.abspath(self.out)
+        while not os.path.lexists(nearest):
+            nearest = os.path.dirname(nearest)
+        if not os.path.isdir(nearest):
+            raise UsageError(f"--out {self.out}: {nearest} is not a folder")
+        if not data_gpu.writable(nearest):
+            raise UsageError(f"--out {self.out}: {nearest} is read-only")
+        self.created = not os.path.exists(self.out)
+        self.committed = in_place  # a resumed run's own folder is never taken back
         self.metrics = None
-        if self.main:
-            if resume:
-                self.drop_records_after(resume_step)
-            self.write_json("config.json", dataclasses.asdict(cfg))
-            self.metrics = open(self.metrics_path, "a")
 
-    def drop_records_after(self, step: int) -> None:
+    def open(self) -> None:
+        if self.dist.world_size > 1:  # every rank has looked at the folder before rank 0 writes
+            torch.distributed.barrier()
+        if not self.main:
+            return
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            if self.replacing:
+                shutil.rmtree(self.aside, ignore_errors=True)  # left by an attempt killed outright
+                os.makedirs(self.aside)
+                for name in RUN_FILES:
+                    if os.path.exists(os.path.join(self.out, name)):
+                        os.replace(os.path.join(self.out, name), os.path.join(self.aside, name))
+            if self.resume_step is not None:
+                self.copy_records_until(self.resume_step)
+            self.write_json("config.json", dataclasses.asdict(self.cfg))
+            self.metrics = open(self.metrics_path, "a")
+        except OSError as e:  # a file in the way, no permission, a full disk
+            self.abandon()
+            raise UsageError(f"--out {self.out}: cannot write the run's files ({e.strerror})") from None
+
+    def copy_records_until(self, step: int) -> None:
         """A resumed run redoes the steps after its checkpoint: forget what was logged for them
-        (and a line torn by a crash), so that metrics.jsonl reads as one uninterrupted run."""
-        if not os.path.exists(self.metrics_path):
+        (a line torn by a crash, and the summary of a final evaluation cut short too), so that
+        metrics.jsonl reads as one uninterrupted run, in the folder the run continues in."""
+        if not os.path.exists(self.source_metrics):
             return
         kept = []
-        with open(self.metrics_path) as f:
+        with open(self.source_metrics) as f:
             for line in f:
-                with contextlib.suppress(ValueError):
-                    if json.loads(line).get("step", 0) <= step:
+                with contextlib.suppress(ValueError, AttributeError):
+                    record = json.loads(line)
+                    if record.get("step", 0) <= step and record.get("kind") != "summary":
                         kept.append(line)
         with data_gpu.atomic_write(self.metrics_path, "w") as f:
             f.writelines(kept)
 
     def write_json(self, name: str, values: dict) -> None:
         if self.main:
-            with open(os.path.join(self.out, name), "w") as f:
+            with data_gpu.atomic_write(os.path.join(self.out, name), "w") as f:
                 json.dump(values, f, indent=2)
 
     def record(self, kind: str, **values) -> None:
@@ -1155,6 +1210,22 @@ class RunFolder:
         if self.metrics:
             self.metrics.close()
 
+    def abandon(self) -> None:
+        """A failure before the run's first checkpoint: take back what open() wrote."""
+        if self.committed or not self.main:
+            return
+        self.close()
+        for name in RUN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.out, name))
+        if self.replacing and os.path.isdir(self.aside):
+            for name in os.listdir(self.aside):
+                os.replace(os.path.join(self.aside, name), os.path.join(self.out, name))
+            os.rmdir(self.aside)
+        if self.created:
+            with contextlib.suppress(OSError):  # only if empty
+                os.rmdir(self.out)
+
     def checkpoint(self, trainer: "Trainer", step: int, elapsed: float, skipped: int) -> None:
         """Every rank takes part (weights checked, random streams gathered); rank 0 writes."""
         if not trainer.all_finite(trainer.model.parameters()):
@@ -1165,6 +1236,10 @@ class RunFolder:
         if not trainer.everywhere(failed is None):
             raise self.fault(f"could not write the checkpoint after step {step} "
                              f"({failed or 'on the first process'})", "free some disk space")
+        if not self.committed:  # the new run stands on its own: the one it replaced can go
+            self.committed = True
+            if self.main and self.replacing:
+                shutil.rmtree(self.aside, ignore_errors=True)
 
     def fault(self, what: str, advice: str = "try a lower --lr") -> UsageError:
         kept = (f"the last good checkpoint {self.ckpt_path} is intact"
@@ -1312,6 +1387,13 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     dist = init_distributed(cfg.device)
     log = print if dist.main else (lambda *a, **k: None)
+    done = resume_state is not None and not eval_only and finished_run(resume_state)
+    if done:
+        log(f"{os.path.dirname(resume_state['path'])} holds a finished run ({done['steps']:,} steps, "
+            f"test accuracy {done.get('test_acc')}%): nothing to resume; --eval-only evaluates it")
+        return done
+    # every check of the run folder before the data is loaded, and nothing written yet
+    run = None if eval_only else RunFolder(cfg, resume_state, overwrite, dist)
     device = setup_device(cfg, dist)
     trainer = Trainer(cfg, load_data(cfg, dist, log), device, dist)
     step, prior_elapsed, skipped = trainer.resume(resume_state, log)
@@ -1320,7 +1402,18 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
         log(f"test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) at step {step}")
         return result
     trainer.prepare({keep_at(0.0, cfg), keep_at(1.0, cfg)}, cfg.nan_policy == "skip")
-    run = RunFolder(cfg, step if resume_state else None, overwrite, dist)
+    run.open()
+    try:
+        return run_loop(trainer, run, step, prior_elapsed, skipped, clock, start_time, log)
+    except BaseException:
+        run.abandon()  # before the first checkpoint: as if the run had never started
+        raise
+
+
+def run_loop(trainer: "Trainer", run: RunFolder, step: int, prior_elapsed: float, skipped: int,
+             clock, start_time: float, log) -> dict:
+    """The training loop from `step`, then the final evaluation; returns the summary dict."""
+    cfg, dist, device = trainer.cfg, trainer.dist, trainer.device
     total, spe = trainer.total_steps, trainer.steps_per_epoch
     eval_steps, ckpt_steps = max(1, round(cfg.eval_every * spe)), max(1, round(spe))
     log(f"{cfg.variant}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
@@ -1364,18 +1457,23 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
                 run.checkpoint(trainer, step, meter.elapsed(), meter.skipped)
         meter.bar.done()
         run.checkpoint(trainer, step, meter.elapsed(), meter.skipped)
-    if stopped_by:
-        log(f"{stopped_by}: stopped at step {step:,}; checkpoint {run.ckpt_path}; "
-            f"continue with --resume {run.out}")
-        return {"stopped": stopped_by, "step": step, "out": run.out}
-    return finish(trainer, run, meter, step, start_time, log)
+    if not stopped_by:
+        try:
+            return finish(trainer, run, meter, step, start_time, log)
+        except Stopped as signalled:
+            stopped_by = f"{signalled} during the final evaluation"
+    run.close()
+    log(f"{stopped_by}: stopped at step {step:,}; checkpoint {run.ckpt_path}; "
+        f"continue with --resume {run.out}")
+    return {"stopped": stopped_by, "step": step, "out": run.out}
 
 
 def finish(trainer: "Trainer", run: RunFolder, meter: Meter, step: int, start_time: float,
            log) -> dict:
     """The final evaluation, the summary record and file, and the last line printed."""
     cfg, wall = trainer.cfg, meter.elapsed()
-    result = meter.evaluation(step)
+    with StopRequest(at_once=True):  # the checkpoint is in place: a signal stops at once
+        result = meter.evaluation(step)
     summary = {"variant": cfg.variant, "test_acc": round(result["test_acc"], 2),
                "test_loss": round(result["test_loss"], 4), "steps": step, "skipped": meter.skipped,
                "train_s": round(wall, 1), "total_s": round(meter.budget.clock() - start_time, 1),

@@ -537,6 +537,122 @@ def test_second_signal_aborts_at_once(archive, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# Run folders: never lost, never mixed
+
+@pytest.fixture
+def cut_run(archive, tmp_path, monkeypatch):
+    """A run stopped by SIGINT after step 6 (checkpoint at 6, no summary)."""
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        after_step(patch, lambda trainer, s: s == 5 and os.kill(os.getpid(), signal.SIGINT))
+        assert S.main(["--data", archive, "--out", str(cut)] + TINY) == 0
+    return cut
+
+
+def test_resume_writes_only_into_its_own_run(cut_run, finished_run, old_run, tmp_path, capsys):
+    """--resume A --out B: refused while B holds another run; into an empty B, or with
+    --overwrite, B becomes the whole of A's run (its records up to the checkpoint come along)."""
+    refused(capsys, ["--resume", str(cut_run), "--out", str(old_run)], "holds another run",
+            cut_run, old_run)
+    before = snapshot(cut_run)
+    fresh = tmp_path / "b"
+    for out, extra in ((fresh, []), (old_run, ["--overwrite"])):
+        assert S.main(["--resume", str(cut_run), "--out", str(out)] + extra) == 0
+        assert_same_training(finished_run, out)
+        assert len(records(out, "summary")) == 1 and sorted(os.listdir(out)) == sorted(S.RUN_FILES)
+    assert snapshot(cut_run) == before  # A itself is left as it was
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(old_run, capsys):
+    before = snapshot(old_run)
+    capsys.readouterr()
+    assert S.main(["--resume", str(old_run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{old_run} holds a finished run (12 steps, test accuracy" in out
+    assert "nothing to resume" in out and snapshot(old_run) == before
+
+
+def _out_of_memory_at_step(n):
+    real_step, calls = S.Trainer.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, *args, **kwargs)
+    return step
+
+
+def test_a_failure_before_the_first_checkpoint_leaves_no_trace(archive, tmp_path, old_run,
+                                                               monkeypatch, capsys):
+    """Out of memory at step 2, before the first checkpoint (step 4): a new folder is gone again,
+    and a run that --overwrite was replacing is back as it was."""
+    monkeypatch.setattr(S.Trainer, "step", _out_of_memory_at_step(2))
+    new = tmp_path / "parent" / "new"
+    refused(capsys, ["--data", archive, "--out", str(new)] + TINY, "out of memory", mid_run=True)
+    assert not new.exists()
+    monkeypatch.setattr(S.Trainer, "step", _out_of_memory_at_step(2))
+    refused(capsys, ["--data", archive, "--out", str(old_run), "--overwrite"] + TINY,
+            "out of memory", old_run, mid_run=True)
+    assert sorted(os.listdir(old_run)) == sorted(S.RUN_FILES)  # no .replaced left behind
+
+
+def test_overwrite_replaces_the_old_run_once_the_new_one_has_a_checkpoint(archive, old_run,
+                                                                          monkeypatch, capsys):
+    monkeypatch.setattr(S.Trainer, "step", _out_of_memory_at_step(6))  # after the step-4 one
+    refused(capsys, ["--data", archive, "--out", str(old_run), "--overwrite"] + TINY,
+            "out of memory", mid_run=True)
+    assert load_ckpt(old_run)["step"] == 4 and not (old_run / "summary.json").exists()
+    assert sorted(os.listdir(old_run)) == ["ckpt.pt", "config.json", "metrics.jsonl"]
+
+
+def test_read_only_out_is_refused_before_the_data_is_loaded(archive, tmp_path, old_run,
+                                                            monkeypatch, capsys):
+    monkeypatch.setattr(data_gpu, "load_cifar10", lambda *a, **k: pytest.fail("loaded the data"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.remove(old_run / "summary.json")  # unfinished: a resume has something left to do
+    os.chmod(locked, 0o555)
+    os.chmod(old_run, 0o555)
+    try:
+        refused(capsys, ["--data", archive, "--out", str(locked / "run")] + TINY,
+                f"--out {locked / 'run'}: {locked} is read-only", locked)
+        refused(capsys, ["--data", archive, "--out", str(old_run), "--overwrite"] + TINY,
+                f"--out {old_run}: {old_run} is read-only", old_run)
+        refused(capsys, ["--resume", str(old_run / "ckpt.pt"), "--out", str(locked)],
+                f"--out {locked}: {locked} is read-only", old_run, locked)
+    finally:
+        os.chmod(locked, 0o755)
+        os.chmod(old_run, 0o755)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_signal_during_the_final_evaluation_stops_cleanly(signame, archive, finished_run, tmp_path,
+                                                          monkeypatch, capsys):
+    """The evaluations at steps 4 and 8 run; the final one (the third) is cut short by a signal:
+    the usual line and exit 0, the step-12 checkpoint in place, no summary; --resume finishes."""
+    out, real_evaluate, calls = tmp_path / "run", S.Trainer.evaluate, []
+
+    def evaluate(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), getattr(signal, signame))
+        return real_evaluate(self, *args, **kwargs)
+    monkeypatch.setattr(S.Trainer, "evaluate", evaluate)
+    capsys.readouterr()
+    assert S.main(["--data", archive, "--out", str(out)] + TINY) == 0
+    printed = capsys.readouterr()
+    assert f"{signame} during the final evaluation: stopped at step 12; checkpoint " \
+           f"{out / 'ckpt.pt'}; continue with --resume {out}" in printed.out
+    assert "Traceback" not in printed.err
+    assert load_ckpt(out)["step"] == 12 and not (out / "summary.json").exists()
+    monkeypatch.undo()
+    assert S.main(["--resume", str(out)]) == 0
+    assert_same_training(finished_run, out)
+    assert len(records(out, "summary")) == 1
+
+
+# ----------------------------------------------------------------------------------------------
 # Faults: non-finite loss, out of memory
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(archive, tmp_path, monkeypatch, capsys):
