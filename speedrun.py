@@ -961,7 +961,10 @@ class Trainer:
         the user when the random streams could not carry over."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # loading replaced the lr the step writes
+        # loading replaced the lr tensor the step writes: keep its value (the checkpoint's
+        # state, rewritten as it is by a resumed run that has no step left), not the tensor
+        self.lr_t.copy_(torch.as_tensor(self.optimizer.param_groups[0]["lr"]))
+        for group in self.optimizer.param_groups:
             group["lr"] = self.lr_t
         saved_on = state["rng"][0]["device"]
         if len(state["rng"]) == self.dist.world_size and saved_on == self.device.type:
