@@ -330,7 +330,8 @@ def test_token_keep_drops_patch_tokens_in_training_only(patch_embed):
     training, different ones per image; evaluation sees every token, as with --token-keep 1.
     (The conv embeds only the kept patches, SPT embeds all and then draws: same tokens.)"""
     torch.manual_seed(0)
-    small = dict(num_cls=2, width=32, heads=2, depth=1, patch_embed=patch_embed)
+    small = dict(num_cls=2, width=32, heads=2, depth=1, patch_embed=patch_embed,
+                 whiten=patch_embed == "conv")  # whitening sets conv filters: SPT has none
     full = S.build_model(S.resolve_config("cpu-speedrun", **small))
     half = S.build_model(S.resolve_config("cpu-speedrun", **small))
     half.load_state_dict(full.state_dict())
