@@ -1555,10 +1555,12 @@ def cpu_recipe_note(cfg: Config, total_steps: int) -> Optional[str]:
 def count_flops_per_image(cfg: Config) -> float:
     """Training FLOPs (forward + backward) per image, counted by PyTorch on a tiny batch."""
     from torch.utils.flop_counter import FlopCounterMode
-    model = build_model(cfg)
-    x = torch.randn(2, 3, 32, 32)
-    with FlopCounterMode(display=False) as counter:
-        model(x).sum().backward()
+    # counted inside a run too (cpu_recipe_note): its random draws must not move the run's stream
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg)
+        x = torch.randn(2, 3, 32, 32)
+        with FlopCounterMode(display=False) as counter:
+            model(x).sum().backward()
     return counter.get_total_flops() / 2
 
 
