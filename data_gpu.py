@@ -654,21 +654,24 @@ def augment(x, draws, *, flip=True, crop_pad=4, autoaugment=True, erase_prob=0.2
     return _random_erase(x, draws, erase_prob) if erase_prob > 0 else x
 
 
-def mix(x, y, num_classes, draws, *, mix_prob=0.5, cutmix=True, mixup=True):
+def mix(x, y, num_classes, draws, *, mix_prob=0.5, cutmix=True, mixup=True, partner="flip"):
     """CutMix or MixUp on a float batch -> (x, soft targets (B, num_classes) without smoothing).
 
     Per batch, as the paper's code: mixed with probability mix_prob, then CutMix or MixUp with
     equal odds (the one allowed, if only one is), lam ~ Beta(1, 1), a box centred uniformly.
     Every outcome is computed and one chosen with torch.where: no branch depends on a draw, so
     the host never waits and a graph holds the whole decision. The partner of image i is image
-    B-1-i (x.flip(0)): the sampler already shuffles, and no index tensor is needed.
+    perm[i] with partner="randperm" (the paper's code: a random permutation, here the argsort of
+    uniform draws), or image B-1-i with "flip" (fixed pairs; the sampler already shuffles).
     """
     B, _, H, W = x.shape
     coin, pick, lam = draws.rand(3).unbind()
     centre = draws.randint(0, 1 << 20, (2,))
     centre_y, centre_x = centre[0] % H, centre[1] % W
     onehot = torch.zeros(B, num_classes, device=y.device).scatter_(1, y[:, None], 1.0)
-    partner = x.flip(0)
+    perm = draws.rand(B).argsort() if partner == "randperm" else torch.arange(B - 1, -1, -1,
+                                                                              device=x.device)
+    partner_x, partner_onehot = x[perm], onehot[perm]
     # CutMix: the box of side sqrt(1 - lam) clipped to the image; lam becomes the kept share
     cut = (1 - lam).sqrt()
     half_h, half_w = (H * cut).floor().long() // 2, (W * cut).floor().long() // 2
@@ -680,10 +683,10 @@ def mix(x, y, num_classes, draws, *, mix_prob=0.5, cutmix=True, mixup=True):
     lam_cut = 1 - ((y1 - y0) * (x1 - x0)).float() / (H * W)
     use_cut = pick < (0.5 if cutmix and mixup else float(cutmix))  # pick < 1 always holds
     mixed = coin < (mix_prob if (cutmix or mixup) else 0.0)
-    x = torch.where(mixed & use_cut, torch.where(box, partner, x),
-                    torch.where(mixed, torch.lerp(partner, x, lam), x))
+    x = torch.where(mixed & use_cut, torch.where(box, partner_x, x),
+                    torch.where(mixed, torch.lerp(partner_x, x, lam), x))
     lam = torch.where(mixed, torch.where(use_cut, lam_cut, lam), 1.0)
-    return x, lam * onehot + (1 - lam) * onehot.flip(0)
+    return x, lam * onehot + (1 - lam) * partner_onehot
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -695,40 +698,77 @@ class RepeatedPassSampler:
     [s*B, (s+1)*B), possibly spanning passes; rank r takes every world_size-th of them.
     `indices(step)` serves a host step; `stream(steps)` lays the whole run's stream on the device
     once, so that `indices_at(stream, step)` serves a step counter that lives there.
+
+    repeats N > 1 (batch augmentation, the paper's DDP rows): every image of a pass fills N
+    consecutive places of one rank's share, so that its copies share a batch and are augmented
+    independently. As the paper's sampler (each rank repeats each index of its DistributedSampler
+    share N times in a row), rank r's share of pass p is p[r::W] with every entry N times, the
+    pass padded with its first images up to a multiple of W.
+    epoch_samples: each epoch is a stream of its own (fresh passes) of that many samples whose
+    last partial batch is dropped, as the paper's drop_last loader; None: one endless stream.
     """
 
-    def __init__(self, n, batch_size, seed, device, rank=0, world_size=1):
+    def __init__(self, n, batch_size, seed, device, rank=0, world_size=1, repeats=1,
+                 epoch_samples=None):
         if batch_size % world_size or not 0 <= rank < world_size:
             raise ValueError(f"batch_size {batch_size} must split evenly over world_size {world_size}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        if repeats < 1 or (epoch_samples is not None and epoch_samples < batch_size):
+            raise ValueError(f"repeats {repeats} must be >= 1 and an epoch ({epoch_samples} "
+                             f"samples) must hold a batch of {batch_size}")
+        self.n, self.batch_size, self.seed, self.repeats = n, batch_size, seed, repeats
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+        # stream positions per pass: N copies of each image of the (rank-padded) pass
+        self.pass_len = n if repeats == 1 else repeats * world_size * -(-n // world_size)
+        self.epoch_samples = epoch_samples
         self._passes = {}
 
     def _host_permutation(self, p):
         state = np.random.SeedSequence([self.seed, p]).generate_state(1, np.uint64)[0]
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(int(state)))
 
-    def _permutation(self, p):
+    def _pass(self, p):
+        """Pass p as stream positions (host): its permutation, each image N times in a row of
+        one rank's share."""
+        perm, W, N = self._host_permutation(p), self.world_size, self.repeats
+        if N == 1:
+            return perm
+        q = torch.arange(self.pass_len)
+        return perm[((q // (W * N)) * W + q % W) % self.n]  # % n: the padding wraps to the start
+
+    def _device_pass(self, p):
         if p not in self._passes:
-            perm = self._host_permutation(p)
+            positions = self._pass(p)
             if self.device.type == "cuda":  # pinned memory: the copy does not stall the device stream
-                perm = perm.pin_memory()
-            self._passes[p] = perm.to(self.device, non_blocking=True)
+                positions = positions.pin_memory()
+            self._passes[p] = positions.to(self.device, non_blocking=True)
         return self._passes[p]
 
     def indices(self, step):
-        start, stop = step * self.batch_size, (step + 1) * self.batch_size
-        passes = range(start // self.n, (stop - 1) // self.n + 1)
-        parts = [self._permutation(p)[max(start - p * self.n, 0):min(stop - p * self.n, self.n)] for p in passes]
-        self._passes = {p: self._passes[p] for p in passes}  # keep the current (and next) pass only
+        B, L = self.batch_size, self.pass_len
+        first_pass = 0  # the stream's first pass number
+        if self.epoch_samples is not None:
+            epoch, step = divmod(step, self.epoch_samples // B)
+            first_pass = epoch * -(-self.epoch_samples // L)
+        start, stop = step * B, (step + 1) * B
+        passes = range(start // L, (stop - 1) // L + 1)
+        parts = [self._device_pass(first_pass + p)[max(start - p * L, 0):min(stop - p * L, L)]
+                 for p in passes]
+        kept = {first_pass + p for p in passes}  # the current (and next) pass only
+        self._passes = {p: positions for p, positions in self._passes.items() if p in kept}
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
         return batch[self.rank::self.world_size]
 
     def stream(self, steps: int) -> torch.Tensor:
-        """The image indices of the first `steps` batches, pass after pass, int32 on the device
-        (the full 100-epoch recipe: 300 passes, 60 MB)."""
-        passes = -(-steps * self.batch_size // self.n)
-        return torch.cat([self._host_permutation(p) for p in range(passes)]).int().to(self.device)
+        """The image indices of the first `steps` batches, pass after pass (epoch after epoch),
+        int32 on the device (the full 100-epoch recipe: 300 passes, 60 MB)."""
+        B, L = self.batch_size, self.pass_len
+        if self.epoch_samples is None:
+            parts = [self._pass(p) for p in range(-(-steps * B // L))]
+        else:
+            per_epoch, passes = self.epoch_samples // B, -(-self.epoch_samples // L)
+            parts = [torch.cat([self._pass(e * passes + k) for k in range(passes)])[:per_epoch * B]
+                     for e in range(-(-steps // per_epoch))]
+        return torch.cat(parts)[:steps * B].int().to(self.device)
 
     def indices_at(self, stream: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """indices(step) for a step held in a device tensor: a gather, no host in the loop."""
@@ -736,6 +776,8 @@ class RepeatedPassSampler:
         return stream[step * self.batch_size + offsets].long()
 
 
-def steps_for(epochs, batch_size, n=50000, passes_per_epoch=3):
-    """Optimizer steps for `epochs` paper epochs (an epoch is 3 passes: repeated augmentation)."""
-    return math.floor(epochs * passes_per_epoch * n / batch_size)
+def steps_for(epochs, batch_size, n=50000, passes_per_epoch=3, drop_last=True):
+    """Optimizer steps for `epochs` paper epochs (an epoch: passes_per_epoch·n samples, its last
+    partial batch dropped with drop_last, as the paper's loader: 585 steps of 256)."""
+    per_epoch = passes_per_epoch * n / batch_size
+    return math.floor(epochs * (math.floor(per_epoch) if drop_last else per_epoch))

@@ -62,10 +62,20 @@ class Config:
     patch_embed: str = _f("conv", "patch embedding: 4x4 conv, or Shifted Patch Tokenization",
                           choices=("conv", "spt"))
     whiten: bool = _f(False, "initialise patch filters from the whitening eigenvectors of patches")
+    whiten_from: str = _f("augmented", "--whiten's patch statistics: augmented = the paper's code "
+                          "(every stride-1 patch of the first 5,120 training images as augmented "
+                          "for training, uncentred covariance, largest eigenvalue first); raw = ours "
+                          "(64 non-overlapping patches of the first 5,000 raw images, mean-centred, "
+                          "smallest eigenvalue first)", choices=("augmented", "raw"))
     mla: str = _f("", "projections made low-rank (any of q, k, v), e.g. 'q' or 'qkv'")
     latent_dim: int = _f(64, "latent width of the low-rank (MLA) projections")
     lsa: bool = _f(False, "Locality Self-Attention: mask self-attention, learnable temperature")
-    cait_blocks: int = _f(0, "the last N blocks become class-attention blocks (CaiT)")
+    depth_token_only: int = _f(0, "class-attention blocks appended after the --depth blocks, as "
+                               "the paper code's ViT option of this name (not the CaiT "
+                               "architecture): CLS tokens attend to every token, patch tokens pass "
+                               "through a projection of their own, then all through the MLP")
+    cls_only_blocks: int = _f(0, "ours: the last N of the --depth blocks update only the CLS "
+                              "tokens (they alone attend), patch tokens pass unchanged")
     token_keep: float = _f(1.0, "share of patch tokens each training image keeps, drawn at random "
                            "(PatchDropout: cheaper steps); evaluation sees them all")
     full_token_tail: float = _f(0.0, "the last share of the run trains on every patch token "
@@ -77,13 +87,26 @@ class Config:
     autoaugment: bool = _f(True, "AutoAugment CIFAR-10 policy, per image")
     erase_prob: float = _f(0.25, "random-erasing probability per image")
     mix_prob: float = _f(0.5, "probability that a batch is mixed (CutMix or MixUp)")
+    mix_partner: str = _f("flip", "whose image each mixed image takes in: a random "
+                          "permutation of the batch (the paper's code), or the batch in reverse "
+                          "order (fixed pairs i, B-1-i)", choices=("randperm", "flip"))
     mixup: bool = _f(True, "allow MixUp for mixed batches")
     cutmix: bool = _f(True, "allow CutMix for mixed batches")
-    passes_per_epoch: int = _f(3, "shuffled passes over the 50k images per epoch (repeated aug.)")
+    passes_per_epoch: int = _f(3, "an epoch is this many times the 50k images (the paper's "
+                               "sampler: len_factor 3)")
+    repeat_aug: int = _f(1, "copies of each image put into its batch in a row, each augmented on "
+                         "its own (batch augmentation, as the paper's 4-GPU bs1024 and Lion rows: "
+                         "3); an epoch still holds passes_per_epoch x 50k samples")
+    drop_last: bool = _f(True, "each epoch's stream drops its last partial batch, as the paper's "
+                         "loader (585 steps of 256 an epoch, 58,500 in 100); off: one endless "
+                         "stream (58,593)")
     # optimisation
     optimizer: str = _f("adamw", "optimizer", choices=("adamw", "lion"))
     lr: float = _f(2e-3, "peak learning rate (the paper's text: 2e-3)")
-    weight_decay: float = _f(0.05, "decoupled weight decay on weight matrices")
+    weight_decay: float = _f(0.05, "decoupled weight decay (on --decay-params)")
+    decay_params: str = _f("matrices", "what weight decay acts on: all parameters (the paper's code), "
+                           "or matrices (>= 2-D weights; biases, norms, CLS and position "
+                           "embedding stay free)", choices=("all", "matrices"))
     batch_size: int = _f(256, "global batch size (split across processes under torchrun)")
     epochs: float = _f(100.0, "epochs, each passes_per_epoch passes over the training set")
     warmup_epochs: float = _f(10.0, "linear warm-up length, as a share of epochs")
@@ -105,7 +128,11 @@ class Config:
                       choices=("auto", "triton", "torch", "reference"))
     tta_flip: bool = _f(False, "test-time augmentation: score each test image and its mirror "
                                "image, averaging the logits (evaluation costs twice as much)")
-    eval_every: float = _f(10.0, "evaluate on the 10k test images every N epochs (and at the end)")
+    eval_every: float = _f(5.0, "evaluate on the 10k test images every N epochs, the first after "
+                                "min(N, 1): at 5 after epochs 1, 6, ..., 96, as the paper's code "
+                                "(its epochs 0, 5, ..., 95); the best of these is the summary's "
+                                "best_test_acc, the paper's statistic. 0: none. The end of the "
+                                "run is evaluated too (test_acc)")
     log_every: int = _f(50, "log loss/throughput every N steps (the only host syncs)")
     data: str = _f("", "cifar-10-python.tar.gz or cifar-10-batches-py/ (default: ./data, "
                        "downloaded if missing)")
@@ -128,10 +155,11 @@ class Variant:
 
 # the cpu-speedrun recipe (its reasons are beside its entry below), shared by its fp32 retuning
 CPU_SPEEDRUN = {"width": 96, "depth": 6, "heads": 2, "batch_size": 128, "whiten": True,
+                "whiten_from": "raw", "decay_params": "matrices", "drop_last": False,
                 "token_keep": 0.25, "full_token_tail": 0.1,
                 "crop_pad": 0, "autoaugment": False, "mix_prob": 0.0, "erase_prob": 0.0,
                 "label_smoothing": 0.0, "drop_path": 0.0, "epochs": 30.0,
-                "warmup_epochs": 1.5, "tta_flip": True, "eval_every": 1000.0,
+                "warmup_epochs": 1.5, "tta_flip": True, "eval_every": 0.0,
                 "time_budget": 600.0}
 
 # what cpu-speedrun changes for each precision: fp32 steps cost twice bf16's where bf16 has
@@ -153,19 +181,25 @@ VARIANTS = {
     "mla-qk": Variant("low-rank q and k", {"mla": "qk"}, 92.42, 4785),
     "mla-kv": Variant("low-rank k and v", {"mla": "kv"}, 92.43, 4756),
     "mla-qkv": Variant("low-rank q, k and v", {"mla": "qkv"}, 91.80, 4805),
-    "bs1024": Variant("batch 1024, lr kept at 2e-3 (the paper's DDP rows kept the recipe; "
-                      "linear scaling to 8e-3 destabilises AdamW ViTs)", {"batch_size": 1024},
-                      92.09, 1371),
-    "lion": Variant("Lion optimizer, batch 1024, lr 2e-4 (/10) and wd 0.5 (x10) per the Lion paper",
-                    {"optimizer": "lion", "batch_size": 1024, "lr": 2e-4, "weight_decay": 0.5},
-                    92.38, 1545),
+    # the paper ran these two on 4 GPUs, whose sampler put each image 3 times into the batch
+    "bs1024": Variant("batch 1024 of 3 copies per image, lr kept at 2e-3 (the paper's DDP rows "
+                      "kept the recipe; linear scaling to 8e-3 destabilises AdamW ViTs)",
+                      {"batch_size": 1024, "repeat_aug": 3}, 92.09, 1371),
+    "lion": Variant("Lion optimizer, batch 1024 of 3 copies per image, lr 2e-4 (/10) and wd 0.5 "
+                    "(x10) per the Lion paper",
+                    {"optimizer": "lion", "batch_size": 1024, "repeat_aug": 3, "lr": 2e-4,
+                     "weight_decay": 0.5}, 92.38, 1545),
     "dim96": Variant("width 96 (head dim 8), 1 CLS", {"width": 96}, 90.41),
     "mcls": Variant("width 96, 2 CLS tokens concatenated into the head",
                     {"width": 96, "num_cls": 2}, 93.95),
     "spt": Variant("Shifted Patch Tokenization (Lee et al.)", {"patch_embed": "spt"}),
     "lsa": Variant("Locality Self-Attention: no self-attention, learnable temperature",
                    {"lsa": True}),
-    "cait": Variant("last 2 blocks are class-attention blocks (CaiT)", {"cait_blocks": 2}),
+    "depth-token-only": Variant("2 class-attention blocks appended after the 9, as the paper "
+                                "code's ViT option depth_token_only=2 (not the CaiT architecture)",
+                                {"depth_token_only": 2}),
+    "cls-only-last2": Variant("ours: the last 2 of the 9 blocks update only the CLS tokens "
+                              "(neither the paper code's form nor CaiT)", {"cls_only_blocks": 2}),
     "gap": Variant("head reads the mean of patch tokens, no CLS (BinaryViT)",
                    {"pool": "gap", "num_cls": 0}),
     # ten minutes leave the model underfit, so every choice buys images/s or faster fitting
@@ -217,14 +251,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 # Finite values only: NaN and infinities are refused with the rest
 RANGES = {"width": "[1, inf)", "depth": "[1, inf)", "heads": "[1, inf)", "mlp_ratio": "(0, inf)",
           "patch_size": "[2, 32]", "num_cls": "[0, inf)", "drop_path": "[0, 1)",
-          "latent_dim": "[1, inf)", "cait_blocks": "[0, --depth]", "token_keep": "(0, 1]",
+          "latent_dim": "[1, inf)", "cls_only_blocks": "[0, --depth]",
+          "depth_token_only": "[0, inf)", "repeat_aug": "[1, inf)", "token_keep": "(0, 1]",
           "full_token_tail": "[0, 1]", "crop_pad": "[0, 16]", "erase_prob": "[0, 1]",
           "mix_prob": "[0, 1]", "passes_per_epoch": "[1, inf)", "lr": "[0, inf)",
           "weight_decay": "[0, inf)", "batch_size": "[1, inf)", "epochs": "(0, inf)",
           "warmup_epochs": "[0, inf)", "min_lr": "[0, --lr]", "label_smoothing": "[0, 1)",
           "max_steps": "[0, inf)", "time_budget": "[0, inf)",
           "seed": "[0, 4294967295]",  # NumPy takes no negative seed
-          "eval_every": "(0, inf)", "log_every": "[1, inf)"}
+          "eval_every": "[0, inf)", "log_every": "[1, inf)"}
 
 
 def range_error(flag: str, value, interval: str, named: dict = None) -> Optional[str]:
@@ -262,7 +297,8 @@ def config_checks(cfg: Config, world_size: int = 1):
            f"--mlp-ratio {cfg.mlp_ratio} leaves the MLP of width {cfg.width} without a unit")
     yield set(cfg.mla) <= set("qkv"), f"--mla takes letters from 'qkv' (got {cfg.mla!r})"
     yield cfg.num_cls >= (0 if cfg.pool == "gap" else 1), "--num-cls must be >= 1 with CLS pooling"
-    yield cfg.cait_blocks == 0 or cfg.num_cls >= 1, "class-attention blocks need a CLS token"
+    yield (cfg.cls_only_blocks + cfg.depth_token_only == 0 or cfg.num_cls >= 1,
+           "class-attention blocks need a CLS token")
     yield cfg.pos_emb != "sin" or cfg.width % 4 == 0, "sin position embedding needs width % 4 == 0"
     yield not cfg.whiten or cfg.patch_embed == "conv", "--whiten sets conv patch filters: it " \
                                                         "needs --patch-embed conv"
@@ -343,16 +379,17 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block. A class-attention block (CaiT) updates only the CLS tokens."""
+    """Pre-norm block. With cls_only (ours, --cls-only-blocks) only the CLS tokens attend and are
+    updated; patch tokens pass unchanged."""
 
-    def __init__(self, cfg: Config, drop_path: float, class_attention: bool = False):
+    def __init__(self, cfg: Config, drop_path: float, cls_only: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=1e-6)
         self.attn = Attention(cfg.width, cfg.heads, cfg.mla, cfg.latent_dim, cfg.lsa)
         self.norm2 = nn.LayerNorm(cfg.width, eps=1e-6)
         self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
         self.drop_path = DropPath(drop_path)
-        self.num_query = cfg.num_cls if class_attention else 0
+        self.num_query = cfg.num_cls if cls_only else 0
 
     def forward(self, x):
         if self.num_query:
@@ -361,6 +398,29 @@ class Block(nn.Module):
             cls = cls + self.drop_path(self.mlp(self.norm2(cls)))
             return torch.cat([cls, x[:, self.num_query:]], 1)
         x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class AppendedClassAttentionBlock(nn.Module):
+    """The paper code's class-attention block (its ViT option depth_token_only), appended after
+    the self-attention blocks: the CLS tokens attend to every token, each patch token passes
+    through a projection of its own instead, and every token then goes through the MLP. Its
+    attention is always dense, as the code's (no MLA, no LSA)."""
+
+    def __init__(self, cfg: Config, drop_path: float):
+        super().__init__()
+        self.num_cls = cfg.num_cls
+        self.norm1 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.attn = Attention(cfg.width, cfg.heads)
+        self.patch_proj = nn.Linear(cfg.width, cfg.width)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        update = torch.cat([self.attn(h, self.num_cls), self.patch_proj(h[:, self.num_cls:])], 1)
+        x = x + self.drop_path(update)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -417,9 +477,12 @@ class ViT(nn.Module):
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, cfg.width))
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
-        first_ca = cfg.depth - cfg.cait_blocks
-        self.blocks = nn.ModuleList(Block(cfg, r, class_attention=i >= first_ca)
+        first_cls_only = cfg.depth - cfg.cls_only_blocks
+        self.blocks = nn.ModuleList(Block(cfg, r, cls_only=i >= first_cls_only)
                                     for i, r in enumerate(rates))
+        # the paper's code gives appended block i the drop-path rate of block i
+        self.blocks.extend(AppendedClassAttentionBlock(cfg, rates[i % cfg.depth])
+                           for i in range(cfg.depth_token_only))
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         head_in = cfg.width * (cfg.num_cls if cfg.pool == "cls" else 1)
         self.head = nn.Linear(head_in, NUM_CLASSES)
@@ -472,15 +535,36 @@ def build_model(cfg: Config) -> ViT:
     return ViT(cfg)
 
 
+def patch_covariance(images: torch.Tensor, p: int, every_patch: bool) -> torch.Tensor:
+    """Covariance of the p×p patches of float images, flattened as the patch conv reads them.
+    every_patch: all stride-1 patches, uncentred (the paper's code); else the non-overlapping
+    patches, mean-centred."""
+    if not every_patch:
+        patches = patchify(images.double(), p).reshape(-1, 3 * p * p)
+        patches = patches - patches.mean(0)
+        return patches.T @ patches / (patches.shape[0] - 1)
+    cov, count = 0, 0
+    for chunk in images.split(256):  # 29x29 patches per image: chunks bound the memory
+        patches = F.unfold(chunk.float(), p)  # (B, 3p², patches)
+        # fp32 sums within an image, fp64 across: 3x faster on a CPU than fp64 throughout, and
+        # the smallest eigenvalue (~6e-5 of ~35) moves by under 0.1 %
+        cov = cov + torch.bmm(patches, patches.transpose(1, 2)).double().sum(0)
+        count += patches.shape[0] * patches.shape[2]
+    return cov / count
+
+
 @torch.no_grad()
-def whiten_patch_embed(model: ViT, images_u8: torch.Tensor, eps: float = 5e-4) -> None:
-    """Set the first 48 patch filters to the whitening eigenvectors of 4x4x3 patches, scaled by
-    1/sqrt(eigenvalue + eps): their outputs over such patches are decorrelated from step 0."""
+def whiten_patch_embed(model: ViT, images: torch.Tensor, every_patch: bool = False,
+                       eps: float = 5e-4) -> None:
+    """Set the first 48 patch filters to the whitening eigenvectors of 4x4x3 patches of normalised
+    images, scaled by 1/sqrt(eigenvalue + eps): their outputs over such patches are decorrelated
+    from step 0. every_patch: the paper code's statistics (patch_covariance), largest eigenvalue
+    first; else ours, smallest first."""
     conv = model.patch_embed
     p = model.cfg.patch_size
-    patches = patchify(data_gpu.normalize(images_u8).double(), p).reshape(-1, 3 * p * p)
-    patches = patches - patches.mean(0)
-    eigval, eigvec = torch.linalg.eigh(patches.T @ patches / (patches.shape[0] - 1))
+    eigval, eigvec = torch.linalg.eigh(patch_covariance(images, p, every_patch))
+    if every_patch:
+        eigval, eigvec = eigval.flip(0), eigvec.flip(1)
     filters = (eigvec / (eigval + eps).sqrt()).T  # row i: eigenvector i, scaled
     n = min(filters.shape[0], conv.out_channels)
     conv.weight[:n] = filters[:n].reshape(n, 3, p, p).to(conv.weight)
@@ -518,12 +602,14 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device,
                    lr: Optional[torch.Tensor] = None):
     """lr: a device tensor the step writes, so the schedule needs no host (default: cfg.lr)."""
     lr = torch.tensor(cfg.lr, device=device) if lr is None else lr
-    # decay weight matrices only: biases, norms, CLS and position tokens stay free
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.dim() >= 2 and "token" not in n and "pos_embed" not in n]
+    if cfg.decay_params == "all":  # the paper's code: AdamW(model.parameters(), weight_decay=...)
+        decay = [p for n, p in named]
+    else:  # weight matrices only: biases, norms, CLS and position tokens stay free
+        decay = [p for n, p in named if p.dim() >= 2 and "token" not in n and "pos_embed" not in n]
     rest = [p for n, p in named if not any(p is d for d in decay)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": rest, "weight_decay": 0.0}]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": rest, "weight_decay": 0.0}) if g["params"]]
     if cfg.optimizer == "lion":
         return Lion(groups, lr=lr)
     # fused: one kernel over all tensors, on CPU too (about 5x faster than foreach there);
@@ -670,8 +756,19 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.data = {k: v.to(device) for k, v in data.items()}  # whole set resident as uint8
         self.model = (model or build_model(cfg)).to(device)
+        n_train = self.data["train_x"].shape[0]
+        epoch_samples = n_train * cfg.passes_per_epoch
+        if cfg.drop_last and epoch_samples < cfg.batch_size:
+            raise UsageError(f"--batch-size {cfg.batch_size} exceeds an epoch of {epoch_samples} "
+                             f"samples; pass --no-drop-last")
+        self.sampler = data_gpu.RepeatedPassSampler(
+            n_train, cfg.batch_size, cfg.seed, device, dist.rank, dist.world_size, cfg.repeat_aug,
+            epoch_samples if cfg.drop_last else None)
+        self.steps_per_epoch = (epoch_samples // cfg.batch_size if cfg.drop_last
+                                else epoch_samples / cfg.batch_size)
         if cfg.whiten:
-            whiten_patch_embed(self.model, self.data["train_x"][:5000])
+            whiten_patch_embed(self.model, self.whitening_images(),
+                               every_patch=cfg.whiten_from == "augmented")
         scalar = functools.partial(torch.zeros, (), device=device)
         self.step_t, self.share_t = scalar(dtype=torch.int64), scalar(dtype=torch.float64)
         self.lr_t, self.loss_sum = scalar(dtype=torch.float32), scalar(dtype=torch.float32)
@@ -682,11 +779,8 @@ class Trainer:
         if dist.world_size > 1:
             ids = [dist.local_rank] if device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        n_train = self.data["train_x"].shape[0]
-        self.sampler = data_gpu.RepeatedPassSampler(n_train, cfg.batch_size, cfg.seed, device,
-                                                    dist.rank, dist.world_size)
         self.total_steps = data_gpu.steps_for(cfg.epochs, cfg.batch_size, n_train,
-                                              cfg.passes_per_epoch)
+                                              cfg.passes_per_epoch, cfg.drop_last)
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.stream = self.sampler.stream(self.total_steps)
@@ -699,8 +793,23 @@ class Trainer:
             self.forward_loss = torch.compile(self._forward_loss, fullgraph=True, **COMPILE)
             self.net = torch.compile(self.net, **COMPILE)  # evaluation's graph
         self.graphs = {}  # token share -> (CUDA graph, its loss tensor), filled by prepare()
-        self.steps_per_epoch = n_train * cfg.passes_per_epoch / cfg.batch_size
         torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # drop-path and token-drop draws
+
+    def whitening_images(self) -> torch.Tensor:
+        """What --whiten's statistics are taken over, normalised. augmented: as the paper's code,
+        the first batches of the training stream until they hold over 5,000 images (5,120 at
+        batch 128, 256 or 1,024), augmented as for training (not mixed); drawn the same on
+        every rank, from draws of their own (a key no training step uses).
+        raw: the first 5,000 training images."""
+        cfg, train_x = self.cfg, self.data["train_x"]
+        if cfg.whiten_from == "raw":
+            return data_gpu.normalize(train_x[:5000])
+        stream = data_gpu.RepeatedPassSampler(train_x.shape[0], cfg.batch_size, cfg.seed,
+                                              self.device, repeats=cfg.repeat_aug)
+        idx = torch.cat([stream.indices(s) for s in range(5000 // cfg.batch_size + 1)])
+        draws = data_gpu.Draws(data_gpu.seed_key_for(cfg.seed, -1, self.device))
+        return data_gpu.augment(train_x[idx], draws, crop_pad=cfg.crop_pad,
+                                autoaugment=cfg.autoaugment, erase_prob=cfg.erase_prob)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -715,7 +824,8 @@ class Trainer:
         x = data_gpu.augment(self.data["train_x"][idx], draws, crop_pad=cfg.crop_pad,
                              autoaugment=cfg.autoaugment, erase_prob=cfg.erase_prob)
         return data_gpu.mix(x, self.data["train_y"][idx], NUM_CLASSES, draws,
-                            mix_prob=cfg.mix_prob, cutmix=cfg.cutmix, mixup=cfg.mixup)
+                            mix_prob=cfg.mix_prob, cutmix=cfg.cutmix, mixup=cfg.mixup,
+                            partner=cfg.mix_partner)
 
     def _forward_loss(self, token_keep: float):
         rf = torch.profiler.record_function
@@ -1229,11 +1339,12 @@ class RunFolder:
             with contextlib.suppress(OSError):  # only if empty
                 os.rmdir(self.out)
 
-    def checkpoint(self, trainer: "Trainer", step: int, elapsed: float, skipped: int) -> None:
-        """Every rank takes part (weights checked, random streams gathered); rank 0 writes."""
+    def checkpoint(self, trainer: "Trainer", step: int, elapsed: float, extra: dict) -> None:
+        """Every rank takes part (weights checked, random streams gathered); rank 0 writes.
+        extra: the loop's own counts, saved beside the trainer's state."""
         if not trainer.all_finite(trainer.model.parameters()):
             raise self.fault(f"non-finite weights after step {step}")
-        state = trainer.state_dict(step, elapsed, {"skipped": skipped})
+        state = trainer.state_dict(step, elapsed, extra)
         failed = save_checkpoint(state, self.ckpt_path) if self.main else None
         # also a sync: no rank moves on (or exits) before the file is in place
         if not trainer.everywhere(failed is None):
@@ -1307,14 +1418,40 @@ class Budget:
         return (self.clock() - self.start) * (1 - progress) / max(progress, 1e-9)
 
 
+class Evaluations:
+    """When the test set is scored during a run, and the best score of those evaluations.
+
+    Every --eval-every epochs, the first after min(--eval-every, 1) epochs: at 5, after epochs
+    1, 6, ..., 96, where the paper's code evaluates (the end of its epochs 0, 5, ..., 95 counted
+    from 0, never the end of the run). The best of them (best_test_acc, best_epoch) is the
+    statistic the paper reports; the final evaluation (the run's test_acc) counts among them
+    only when it falls on one of their steps."""
+
+    def __init__(self, cfg: Config, steps_per_epoch: float, resume_state: Optional[dict]):
+        self.steps_per_epoch = steps_per_epoch
+        self.every = max(1, round(cfg.eval_every * steps_per_epoch)) if cfg.eval_every else 0
+        self.first = max(1, round(min(cfg.eval_every, 1.0) * steps_per_epoch))
+        saved = resume_state or {}
+        self.best = {key: saved.get(key) for key in ("best_test_acc", "best_epoch")}
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step >= self.first and (step - self.first) % self.every == 0
+
+    def add(self, step: int, test_acc: float) -> None:
+        if self.best["best_test_acc"] is None or test_acc > self.best["best_test_acc"]:
+            self.best = {"best_test_acc": test_acc,  # the first of equal ones, as the paper's code
+                         "best_epoch": round(step / self.steps_per_epoch, 4)}
+
+
 class Meter:
     """The steps between log steps (the trainer sums their losses on the device: no sync), the
-    skipped-step count, and what each log step prints and records."""
+    skipped-step count, the evaluations, and what each log step prints and records."""
 
     def __init__(self, trainer: "Trainer", run: RunFolder, budget: Budget, skipped: int,
-                 prior_elapsed: float):
+                 prior_elapsed: float, evals: Evaluations):
         self.trainer, self.run, self.budget, self.cfg = trainer, run, budget, trainer.cfg
         self.skipped, self.prior_elapsed, self.loss_count = skipped, prior_elapsed, 0
+        self.evals = evals
         self.bar = Progress(run.main)
 
     def add(self, taken: bool) -> None:
@@ -1347,9 +1484,15 @@ class Meter:
 
     def evaluation(self, step: int) -> dict:
         result = self.trainer.evaluate()
+        if self.evals.due(step):
+            self.evals.add(step, result["test_acc"])
         self.run.record("eval", step=step, epoch=round(step / self.trainer.steps_per_epoch, 4),
                         **result)
         return result
+
+    def saved_counts(self) -> dict:
+        """What a checkpoint keeps of the loop's bookkeeping."""
+        return {"skipped": self.skipped, **self.evals.best}
 
 
 def setup_device(cfg: Config, dist: Dist) -> torch.device:
@@ -1407,25 +1550,25 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     trainer.prepare({keep_at(0.0, cfg), keep_at(1.0, cfg)}, cfg.nan_policy == "skip")
     run.open()
     try:
-        return run_loop(trainer, run, step, prior_elapsed, skipped, clock, start_time, log)
+        evals = Evaluations(cfg, trainer.steps_per_epoch, resume_state)
+        return run_loop(trainer, run, step, prior_elapsed, skipped, evals, clock, start_time, log)
     except BaseException:
         run.abandon()  # before the first checkpoint: as if the run had never started
         raise
 
 
 def run_loop(trainer: "Trainer", run: RunFolder, step: int, prior_elapsed: float, skipped: int,
-             clock, start_time: float, log) -> dict:
+             evals: "Evaluations", clock, start_time: float, log) -> dict:
     """The training loop from `step`, then the final evaluation; returns the summary dict."""
     cfg, dist, device = trainer.cfg, trainer.dist, trainer.device
-    total, spe = trainer.total_steps, trainer.steps_per_epoch
-    eval_steps, ckpt_steps = max(1, round(cfg.eval_every * spe)), max(1, round(spe))
+    total, ckpt_steps = trainer.total_steps, max(1, round(trainer.steps_per_epoch))
     log(f"{cfg.variant}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
         f"{total:,} steps of {cfg.batch_size} on {device} ({'bf16' if trainer.amp_dtype else 'fp32'}"
         f", compile {trainer.compiled}, kernels {cfg.kernels}) -> {run.out}")
     if device.type == "cpu" and (note := cpu_recipe_note(cfg, total)):
         log(note)
     budget = Budget(cfg, total, step, start_time, clock, trainer.time_eval, dist.world_size)
-    meter = Meter(trainer, run, budget, skipped, prior_elapsed)
+    meter = Meter(trainer, run, budget, skipped, prior_elapsed, evals)
     stopped_by = None
     with StopRequest() as stop:
         while step < total:
@@ -1453,13 +1596,13 @@ def run_loop(trainer: "Trainer", run: RunFolder, step: int, prior_elapsed: float
             if stopping:
                 stopped_by = signal.Signals(stop.signum).name if stop.signum else "signal to another rank"
                 break
-            if step % eval_steps == 0:
+            if meter.evals.due(step):
                 result = meter.evaluation(step)
                 meter.bar.show(f"step {step:,}: test accuracy {result['test_acc']:.2f}%")
             if step % ckpt_steps == 0:
-                run.checkpoint(trainer, step, meter.elapsed(), meter.skipped)
+                run.checkpoint(trainer, step, meter.elapsed(), meter.saved_counts())
         meter.bar.done()
-        run.checkpoint(trainer, step, meter.elapsed(), meter.skipped)
+        run.checkpoint(trainer, step, meter.elapsed(), meter.saved_counts())
     if not stopped_by:
         try:
             return finish(trainer, run, meter, step, start_time, log)
@@ -1477,15 +1620,19 @@ def finish(trainer: "Trainer", run: RunFolder, meter: Meter, step: int, start_ti
     cfg, wall = trainer.cfg, meter.elapsed()
     with StopRequest(at_once=True):  # the checkpoint is in place: a signal stops at once
         result = meter.evaluation(step)
+    best, best_epoch = meter.evals.best["best_test_acc"], meter.evals.best["best_epoch"]
     summary = {"variant": cfg.variant, "test_acc": round(result["test_acc"], 2),
-               "test_loss": round(result["test_loss"], 4), "steps": step, "skipped": meter.skipped,
+               "test_loss": round(result["test_loss"], 4),
+               "best_test_acc": None if best is None else round(best, 2), "best_epoch": best_epoch,
+               "steps": step, "skipped": meter.skipped,
                "train_s": round(wall, 1), "total_s": round(meter.budget.clock() - start_time, 1),
                "img_per_s": round(step * cfg.batch_size / max(wall, 1e-9), 1), "out": run.out}
     run.record("summary", **summary)
     run.write_json("summary.json", summary)
     run.close()
-    log(f"summary: {cfg.variant} | test acc {summary['test_acc']:.2f}% | {step:,} steps | "
-        f"train {summary['train_s']:.1f}s | total {summary['total_s']:.1f}s | "
+    best_text = "—" if best is None else f"{summary['best_test_acc']:.2f}% at epoch {best_epoch:g}"
+    log(f"summary: {cfg.variant} | test acc {summary['test_acc']:.2f}% | best {best_text} | "
+        f"{step:,} steps | train {summary['train_s']:.1f}s | total {summary['total_s']:.1f}s | "
         f"{summary['img_per_s']:,.0f} img/s | {run.out}")
     return summary
 

@@ -88,7 +88,8 @@ class PlainViT(nn.Module):
 
 # config fields the plain layout cannot express, with the value it needs
 PLAIN_LAYOUT = {"patch_embed": "conv", "pos_emb": "learned", "mla": "", "lsa": False,
-                "cait_blocks": 0, "pool": "cls", "whiten": False, "token_keep": 1.0}
+                "cls_only_blocks": 0, "depth_token_only": 0, "pool": "cls", "whiten": False,
+                "token_keep": 1.0}
 
 
 def layout_mismatches(cfg) -> list:

@@ -40,9 +40,9 @@ SMEM_LIMIT_SM86 = SMEM_LIMITS[86]
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 CACHE = Path(os.environ.get("VITK_AOT_CACHE", Path.home() / ".cache" / "vitk-aot"))
 
-# What the variants run (key counts pick BLOCK_N): baseline/spt/cait 65 tokens (width 192, 12
-# heads → D 16), gap 64, mcls 66 (width 96 → D 8), 67 with three CLS tokens, up to 128; other
-# head counts give D 32 or 64.
+# What the variants run (key counts pick BLOCK_N): baseline/spt/depth-token-only 65 tokens
+# (width 192, 12 heads → D 16), gap 64, mcls 66 (width 96 → D 8), 67 with three CLS tokens, up
+# to 128; other head counts give D 32 or 64.
 SEQ_LENS = (64, 65, 66, 67, 128)
 LSA_MODES = {"off": dict(HAS_T=False, T_PER_HEAD=False, DIAG=False),
              "lsa-layer": dict(HAS_T=True, T_PER_HEAD=False, DIAG=True),

@@ -22,6 +22,7 @@ def test_runs_variants_writes_table_and_skips_finished_on_rerun(tiny_cifar, tmp_
     for name, row in rows.items():
         assert row["status"] == "ran" and row["steps"] == 3
         assert 0 <= row["test_acc"] <= 100 and row["img_per_s"] > 0
+        assert row["best_test_acc"] is None  # 3 steps: no evaluation before the end
         assert row["paper_acc"] == speedrun.VARIANTS[name].paper_acc
         assert json.load(open(out / name / "summary.json"))["steps"] == 3
     table = (out / "ablate.md").read_text()
@@ -49,6 +50,25 @@ def test_runs_variants_writes_table_and_skips_finished_on_rerun(tiny_cifar, tmp_
                         {"steps": cfg.max_steps, "test_acc": 10.0, "train_s": 1.0})
     assert ablate.main(argv[:3] + ["4"] + argv[4:]) == 0
     assert calls == [4, 4]
+
+
+def test_table_puts_final_and_best_beside_the_papers_figure(tiny_cifar, tmp_path, monkeypatch,
+                                                            capsys):
+    """The paper's figure is its best evaluation every 5 epochs: the table sets ours of the same
+    statistic beside it (and the final accuracy), each with its difference to the baseline."""
+    out = tmp_path / "ablate"
+    finals = {"baseline": (60.0, 62.5, 96.0), "mcls": (61.0, 64.0, 91.0), "dim96": (50.0, None, None)}
+    monkeypatch.setattr(speedrun, "train", lambda cfg, **k: dict(
+        zip(("test_acc", "best_test_acc", "best_epoch"), finals[cfg.variant]), steps=3, train_s=1.0))
+    assert ablate.main(["--variants", "baseline,mcls,dim96", "--max-steps", "3", "--data", tiny_cifar,
+                        "--device", "cpu", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.load(open(out / "ablate.json"))["rows"]}
+    assert (rows["mcls"]["vs_base"], rows["mcls"]["best_vs_base"], rows["mcls"]["paper_vs_base"]) == \
+        (1.0, 1.5, 0.3)
+    table = capsys.readouterr().out
+    assert "| final acc % | final vs base | best acc % | best ep | best vs base | paper acc % |" in table
+    assert "| 61.00 | +1.00 | 64.00 | 91 | +1.50 | 93.95 | +0.30 |" in table
+    assert "| 50.00 | -10.00 | — | — | — | 90.41 | -3.24 |" in table  # never evaluated on the way
 
 
 def test_unfinished_variant_is_restarted_with_overwrite(tiny_cifar, tmp_path, monkeypatch):

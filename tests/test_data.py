@@ -473,6 +473,23 @@ def test_mixup_is_a_convex_combination_and_mix_prob_zero_is_identity():
         assert same.equal(x) and soft.equal(torch.nn.functional.one_hot(y, 10).float())
 
 
+def test_randperm_partner_pairs_each_image_with_a_permuted_one():
+    x, y = labelled_batch()
+    partners = set()
+    for step in range(20):
+        peek = draws(0, step)
+        peek.rand(3), peek.randint(0, 1 << 20, (2,))  # the batch-level draws come first
+        perm = peek.rand(8).argsort()  # the permutation mix is about to draw
+        mixed, soft = data_gpu.mix(x, y, 10, draws(0, step), mix_prob=1, cutmix=False,
+                                   partner="randperm")
+        i = int((perm != torch.arange(8)).nonzero()[0])
+        lam = soft[i, y[i]]
+        assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
+        assert torch.allclose(soft, lam * torch.eye(10)[y] + (1 - lam) * torch.eye(10)[y[perm]])
+        partners.add(tuple(perm.tolist()))
+    assert len(partners) == 20  # a fresh permutation per batch, not fixed pairs
+
+
 def test_mix_picks_none_cutmix_or_mixup_at_the_stated_rates():
     x, y = labelled_batch()
     kinds = []
@@ -526,7 +543,9 @@ def test_device_mixing_has_the_papers_statistics():
 # ----------------------------------------------------------------------------- sampler
 
 def test_steps_for():
-    assert data_gpu.steps_for(100, 256) == 58593
+    assert data_gpu.steps_for(100, 256) == 58500  # the paper's 100 x 585 (drop_last epochs)
+    assert data_gpu.steps_for(100, 256, drop_last=False) == 58593
+    assert data_gpu.steps_for(100, 1024) == 14600
     assert data_gpu.steps_for(1, 100, n=1000, passes_per_epoch=1) == 10
 
 
@@ -551,11 +570,60 @@ def test_sampler_passes_ranks_and_determinism():
         assert all(r.indices_at(laid, torch.tensor(s)).equal(r.indices(s)) for s in range(10))
 
 
+def test_drop_last_epochs_start_fresh_passes_and_drop_the_partial_batch():
+    endless = data_gpu.RepeatedPassSampler(25, 10, seed=5, device="cpu")
+    epochs = data_gpu.RepeatedPassSampler(25, 10, seed=5, device="cpu", epoch_samples=75)
+    # epoch 0 is the endless stream's first 7 batches; its last 5 samples are dropped
+    assert all(epochs.indices(s).equal(endless.indices(s)) for s in range(7))
+    epoch1 = torch.cat([epochs.indices(s) for s in range(7, 14)])
+    fresh = data_gpu.RepeatedPassSampler(25, 10, seed=5, device="cpu")  # passes 3, 4, 5 of it
+    assert epoch1.equal(torch.cat([fresh.indices(s) for s in range(7, 15)])[5:75])
+    assert epochs.indices(20).equal(data_gpu.RepeatedPassSampler(  # stateless
+        25, 10, seed=5, device="cpu", epoch_samples=75).indices(20))
+    laid = epochs.stream(21)  # the device-side stream holds the same epochs
+    assert all(epochs.indices_at(laid, torch.tensor(s)).equal(epochs.indices(s)) for s in range(21))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_repeated_augmentation_keeps_copies_on_one_rank_and_an_epoch_sees_each_image_n_times(
+        world_size):
+    n, B, N = 48, 12, 3
+    ranks = [data_gpu.RepeatedPassSampler(n, B, 0, "cpu", r, world_size, repeats=N,
+                                          epoch_samples=3 * n) for r in range(world_size)]
+    seen = torch.zeros(world_size, n, dtype=torch.long)
+    for s in range(3 * n // B):  # one epoch: 144 samples, 12 whole batches
+        for r, sampler in enumerate(ranks):
+            part = sampler.indices(s)
+            assert len(part) == B // world_size
+            seen[r] += torch.bincount(part, minlength=n)
+            if B // world_size % N == 0:  # each rank's batch is whole runs of N copies
+                assert (part.view(-1, N) == part.view(-1, N)[:, :1]).all()
+    assert seen.sum(0).eq(N).all()  # every image N times: one pass, N copies
+    assert (seen > 0).sum(0).eq(1).all()  # all copies of an image on one rank, as the paper's
+    first = torch.cat([r.indices(0) for r in ranks])
+    assert first.unique().numel() == B // N  # 4 distinct images per batch of 12
+    for sampler in ranks:  # the device-side stream serves the same batches to every rank
+        laid = sampler.stream(30)
+        assert all(sampler.indices_at(laid, torch.tensor(s)).equal(sampler.indices(s))
+                   for s in range(30))
+
+
+def test_repeated_augmentation_drops_the_epochs_tail_and_pads_ranks():
+    dropped = data_gpu.RepeatedPassSampler(50, 12, 0, "cpu", repeats=3, epoch_samples=150)
+    seen = torch.bincount(torch.cat([dropped.indices(s) for s in range(12)]), minlength=50)
+    assert seen.sum() == 144 and (seen == 3).sum() == 48 and (seen == 0).sum() == 2  # 6 dropped
+    # 50 images over 4 ranks: the pass is padded to 52 with its first images, as DistributedSampler
+    ranks = [data_gpu.RepeatedPassSampler(50, 12, 0, "cpu", r, 4, repeats=3) for r in range(4)]
+    stream = torch.stack([torch.cat([r.indices(s) for s in range(13)]) for r in ranks])  # 156
+    seen = torch.bincount(stream.flatten(), minlength=50)
+    assert (seen == 3).sum() == 48 and (seen == 6).sum() == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to check for device->host syncs")
 def test_no_host_sync_on_cuda():
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
     y = torch.randint(0, 10, (64,), device="cuda")
-    sampler = data_gpu.RepeatedPassSampler(64, 16, 0, "cuda")
+    sampler = data_gpu.RepeatedPassSampler(64, 16, 0, "cuda", repeats=3, epoch_samples=96)
     stream, key = sampler.stream(8), data_gpu.seed_key_for(0, 0, "cuda")
     step = torch.zeros((), dtype=torch.int64, device="cuda")
     data_gpu.augment(x, data_gpu.Draws(key))  # the first call builds the per-device constants
@@ -565,7 +633,7 @@ def test_no_host_sync_on_cuda():
         for _ in range(8):
             draws = data_gpu.Draws(data_gpu.step_key(key, step))
             out, soft = data_gpu.mix(data_gpu.augment(x[sampler.indices_at(stream, step)], draws),
-                                     y[:16], 10, draws, mix_prob=1)
+                                     y[:16], 10, draws, mix_prob=1, partner="randperm")
             step += 1
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -321,12 +321,15 @@ BAD_FLAGS = [
     (["--lr", "-0.001"], "--lr must be in [0, inf) (got -0.001)"),
     (["--min-lr", "0.01"], "--min-lr must be in [0, --lr] (got 0.01; --lr is 0.002)"),
     (["--warmup-epochs", "nan"], "--warmup-epochs must be in [0, inf) (got nan)"),
-    (["--eval-every", "inf"], "--eval-every must be in (0, inf) (got inf)"),
+    (["--eval-every", "inf"], "--eval-every must be in [0, inf) (got inf)"),
     (["--time-budget", "-1"], "--time-budget must be in [0, inf) (got -1.0)"),
     (["--seed", "-1"], "--seed must be in [0, 4294967295] (got -1)"),
     (["--batch-size", "0"], "--batch-size must be in [1, inf) (got 0)"),
     (["--batch-size", "-16"], "--batch-size must be in [1, inf) (got -16)"),
-    (["--cait-blocks", "2"], "--cait-blocks must be in [0, --depth] (got 2; --depth is 1)"),
+    (["--cls-only-blocks", "2"], "--cls-only-blocks must be in [0, --depth] (got 2; --depth is 1)"),
+    (["--depth-token-only", "1", "--pool", "gap", "--num-cls", "0"],
+     "class-attention blocks need a CLS token"),
+    (["--batch-size", "128"], "--batch-size 128 exceeds an epoch of 64 samples; pass --no-drop-last"),
     (["--mla", "qx"], "--mla takes letters from 'qkv'"),
     (["--whiten", "--patch-embed", "spt"], "--whiten sets conv patch filters: it needs --patch-embed conv"),
     (["--pool", "cls", "--num-cls", "0"], "--num-cls must be >= 1 with CLS pooling"),
@@ -519,6 +522,40 @@ def test_interrupted_run_resumes_to_identical_weights(interruption, archive, fin
     assert S.main(["--resume", str(cut)]) == 0
     assert_same_training(finished_run, cut)
     assert json.load(open(cut / "summary.json"))["steps"] == 12
+
+
+def test_best_of_the_scheduled_evaluations_is_reported_and_survives_a_resume(
+        archive, tmp_path, monkeypatch, capsys):
+    """As the paper's code: the best of the evaluations every --eval-every epochs (here half an
+    epoch, 2 steps), the first of equal ones, beside the final one, which counts only on a
+    scheduled step (11 is not); a run resumed from step 5 keeps the best found before it."""
+    out = tmp_path / "run"
+    scores = iter([20.0, 55.0, 40.0, 55.0, 30.0, 70.0])  # steps 2, 4 | 6, 8, 10, final 11
+    monkeypatch.setattr(S.Trainer, "evaluate", lambda self, **k: {"test_acc": next(scores),
+                                                                  "test_loss": 1.0})
+    after_step(monkeypatch, lambda trainer, s: s == 4 and os.kill(os.getpid(), signal.SIGINT))
+    argv = ["--data", archive, "--out", str(out)] + TINY + ["--eval-every", "0.5", "--max-steps", "11"]
+    assert S.main(argv) == 0
+    assert (load_ckpt(out)["best_test_acc"], load_ckpt(out)["best_epoch"]) == (55.0, 1.0)
+    after_step(monkeypatch, lambda trainer, s: None)
+    assert S.main(["--resume", str(out)]) == 0
+    assert [r["step"] for r in records(out, "eval")] == [2, 4, 6, 8, 10, 11]
+    for summary in records(out, "summary") + [json.load(open(out / "summary.json"))]:
+        assert (summary["test_acc"], summary["best_test_acc"], summary["best_epoch"]) == \
+            (70.0, 55.0, 1.0)
+    assert "test acc 70.00% | best 55.00% at epoch 1 |" in capsys.readouterr().out
+
+
+def test_evaluations_fall_where_the_paper_codes_do():
+    """Every 5 epochs from the end of the first, 585 steps an epoch: after epochs 1, 6, ..., 96
+    (the code's epochs 0, 5, ..., 95), never at the end of the 100th."""
+    cfg = S.resolve_config("baseline")
+    evals = S.Evaluations(cfg, 585, None)
+    assert [s for s in range(58_501) if evals.due(s)] == [585 * (1 + 5 * k) for k in range(20)]
+    none = S.Evaluations(S.resolve_config("cpu-speedrun"), 1171.875, None)
+    assert not any(none.due(s) for s in range(40_000))
+    sub_epoch = S.Evaluations(S.resolve_config("baseline", eval_every=0.002), 4687, None)
+    assert [s for s in range(30) if sub_epoch.due(s)] == [9, 18, 27]
 
 
 def test_second_signal_aborts_at_once(archive, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import speedrun as S
 
@@ -15,13 +16,16 @@ def expected_params(cfg: S.Config) -> int:
     proj = {n: (w * cfg.latent_dim + cfg.latent_dim * w + w) if n in cfg.mla else (w * w + w)
             for n in "qkv"}
     block = 4 * w + sum(proj.values()) + (w * w + w) + (w * h + h + h * w + w) + int(cfg.lsa)
+    # an appended class-attention block: dense q, k, v, the output and the patch projections
+    appended = 4 * w + 5 * (w * w + w) + (w * h + h + h * w + w)
     if cfg.patch_embed == "spt":
         embed = 2 * 15 * p * p + 15 * p * p * w + w
     else:
         embed = 3 * p * p * w + w
     pos = (cfg.num_cls + tokens) * w if cfg.pos_emb == "learned" else 0
     head_in = w * cfg.num_cls if cfg.pool == "cls" else w
-    return embed + cfg.num_cls * w + pos + cfg.depth * block + 2 * w + head_in * 10 + 10
+    return embed + cfg.num_cls * w + pos + cfg.depth * block + cfg.depth_token_only * appended + \
+        2 * w + head_in * 10 + 10
 
 
 def n_params(model):
@@ -43,6 +47,15 @@ def test_every_preset_builds_trains_and_counts(name):
     S.soft_cross_entropy(logits, torch.eye(10)[:3], 0.1).backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", [n for n, v in S.VARIANTS.items() if v.paper_acc is not None])
+def test_paper_variants_default_to_the_paper_codes_choices(name):
+    cfg = S.resolve_config(name)
+    assert (cfg.decay_params, cfg.mix_partner, cfg.drop_last, cfg.whiten_from) == \
+        ("all", "randperm", True, "augmented")
+    assert cfg.repeat_aug == (3 if cfg.batch_size == 1024 else 1)  # its 4-GPU rows only
+    assert S.data_gpu.steps_for(cfg.epochs, 256) == 58_500 and cfg.epochs == 100
 
 
 def test_mcls_head_reads_two_cls_tokens():
@@ -100,18 +113,58 @@ def test_sin_embedding_is_fixed():
     assert torch.equal(model.pos_embed, before)
 
 
-def test_whitened_filters_decorrelate_patches():
+def correlated_images(n=600):
+    """Smooth random fields plus some noise, normalised: raw patches are far from white."""
     torch.manual_seed(0)
-    # correlated "images": smooth random fields plus some noise, so raw patches are far from white
-    smooth = torch.nn.functional.interpolate(torch.rand(600, 3, 8, 8), size=32, mode="bilinear")
-    images = ((0.7 * smooth + 0.3 * torch.rand(600, 3, 32, 32)) * 255).round().to(torch.uint8)
-    model = S.build_model(S.resolve_config("whiten"))
+    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8), size=32, mode="bilinear")
+    images = ((0.7 * smooth + 0.3 * torch.rand(n, 3, 32, 32)) * 255).round().to(torch.uint8)
+    return S.data_gpu.normalize(images)
+
+
+def test_whitened_filters_decorrelate_patches():
+    images = correlated_images()
+    model = S.build_model(S.resolve_config("whiten", whiten_from="raw"))
     S.whiten_patch_embed(model, images)
     with torch.no_grad():
-        feats = model.patch_embed(S.data_gpu.normalize(images))[:, :48]  # (B, 48, 8, 8)
+        feats = model.patch_embed(images)[:, :48]  # (B, 48, 8, 8)
     feats = feats.permute(0, 2, 3, 1).reshape(-1, 48).double()
     cov = torch.cov(feats.T)
     assert torch.allclose(cov, torch.eye(48, dtype=torch.double), atol=0.05)
+
+
+def test_paper_whitening_takes_every_patch_uncentred_largest_eigenvalue_first():
+    images = correlated_images(300)
+    model = S.build_model(S.resolve_config("whiten"))
+    S.whiten_patch_embed(model, images, every_patch=True)
+    filters = model.patch_embed.weight[:48].detach().double()
+    with torch.no_grad():  # every stride-1 patch (29 x 29 per image), no bias, no centring
+        feats = F.conv2d(images.double(), filters).permute(0, 2, 3, 1).reshape(-1, 48)
+    moment = feats.T @ feats / feats.shape[0]
+    eigval = torch.linalg.eigvalsh(S.patch_covariance(images, 4, every_patch=True)).flip(0)
+    assert torch.allclose(moment.diagonal(), eigval / (eigval + 5e-4), atol=1e-6)
+    assert torch.allclose(moment, moment.diagonal().diag(), atol=1e-6)  # decorrelated
+    gains = filters.flatten(1).norm(dim=1)
+    assert (gains[1:] >= gains[:-1]).all()  # largest eigenvalue (smallest gain) first
+    x = images[:3].double()  # the uncentred second moment of all stride-1 patches
+    patches = x.unfold(2, 4, 1).unfold(3, 4, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 48)
+    assert torch.allclose(S.patch_covariance(x, 4, every_patch=True),
+                          patches.T @ patches / patches.shape[0])
+
+
+def test_paper_whitening_reads_5120_augmented_training_images(tiny_cifar, one_thread):
+    data = S.data_gpu.load_cifar10(tiny_cifar, log=lambda *a: None)
+    small = dict(width=48, depth=1, heads=2, device="cpu", autoaugment=False,  # AA: slow on CPU
+                 drop_last=False)  # 80 images: an epoch holds no whole batch
+    trainer = S.Trainer(S.resolve_config("whiten", batch_size=1024, **small), data,
+                        torch.device("cpu"))
+    images = trainer.whitening_images()
+    assert images.shape == (5120, 3, 32, 32)  # 5 batches: the first count over 5,000
+    first = trainer.sampler.indices(0)
+    plain = S.data_gpu.normalize(data["train_x"][first])
+    assert not torch.allclose(images[:1024], plain)  # augmented, not raw
+    raw = S.Trainer(S.resolve_config("whiten", whiten_from="raw", **small), data,
+                    torch.device("cpu"))
+    assert raw.whitening_images().equal(S.data_gpu.normalize(data["train_x"][:5000]))
 
 
 def test_lsa_gives_no_attention_to_self():
@@ -145,13 +198,56 @@ def test_spt_shapes_and_shifts():
     assert torch.all(corner[3:6, :2, :] == 0)  # zero fill where the shift leaves the image
 
 
-def test_cait_blocks_leave_patch_tokens_untouched():
-    model = S.build_model(S.resolve_config("cait")).eval()
+def test_cls_only_blocks_leave_patch_tokens_untouched():
+    model = S.build_model(S.resolve_config("cls-only-last2")).eval()
+    assert len(model.blocks) == 9 and model.blocks[6].num_query == 0
     x = torch.randn(2, 65, 192)
     for block in model.blocks[-2:]:
         y = block(x)
         assert torch.equal(y[:, 1:], x[:, 1:]) and not torch.allclose(y[:, :1], x[:, :1])
-    assert model.blocks[0].num_query == 0
+
+
+def test_depth_token_only_appends_the_paper_codes_class_attention_blocks():
+    """The paper code's form, from its description: 9 self-attention blocks, then 2 appended
+    blocks in which the CLS token attends to every token (query from the CLS token alone), each
+    patch token passes through a projection of its own, then all tokens through the MLP."""
+    torch.manual_seed(0)
+    cfg = S.resolve_config("depth-token-only", drop_path=0.0)
+    model = S.build_model(cfg).eval()
+    assert len(model.blocks) == 11 and all(b.num_query == 0 for b in model.blocks[:9])
+    block = model.blocks[9]
+    x = torch.randn(2, 65, 192)
+    h = F.layer_norm(x, (192,), block.norm1.weight, block.norm1.bias, 1e-6)
+    q, k, v = F.linear(h, block.attn.qkv.weight, block.attn.qkv.bias).chunk(3, -1)
+    heads = lambda t: t.view(2, -1, 12, 16).transpose(1, 2)
+    attn = torch.softmax(heads(q[:, :1]) @ heads(k).transpose(-1, -2) / 4.0, -1) @ heads(v)
+    cls = x[:, :1] + block.attn.proj(attn.transpose(1, 2).reshape(2, 1, 192))
+    patches = x[:, 1:] + block.patch_proj(h[:, 1:])
+    mid = torch.cat([cls, patches], 1)
+    want = mid + block.mlp(F.layer_norm(mid, (192,), block.norm2.weight, block.norm2.bias, 1e-6))
+    with torch.no_grad():
+        got = block(x)
+        assert torch.allclose(got, want, atol=1e-5)
+        x2 = x.clone()
+        x2[:, 5] += 1.0  # a patch token's update depends on that token alone; CLS's on all
+        moved = (block(x2) - got).abs().amax(-1)[0]
+    assert moved[5] > 0 and moved[0] > 0 and moved[1:5].max() == 0 and moved[6:].max() == 0
+    # the drop-path rates of the code: appended block i takes block i's
+    rates = [b.drop_path.p for b in S.build_model(S.resolve_config("depth-token-only")).blocks]
+    assert rates[9:] == rates[:2]
+
+
+def test_repeat_aug_copies_are_augmented_apart(tiny_cifar, one_thread):
+    data = S.data_gpu.load_cifar10(tiny_cifar, log=lambda *a: None)
+    cfg = S.resolve_config("baseline", repeat_aug=3, batch_size=12, mix_prob=0.0, width=32,
+                           depth=1, heads=2, device="cpu")
+    trainer = S.Trainer(cfg, data, torch.device("cpu"))
+    idx = trainer.sampler.indices(0).view(4, 3)
+    assert (idx == idx[:, :1]).all() and idx[:, 0].unique().numel() == 4  # 4 images, 3 copies
+    x, _ = trainer.batch(0)
+    copies = x.view(4, 3, -1)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert (copies[:, a] != copies[:, b]).any(-1).all()  # every copy augmented on its own
 
 
 def test_gap_head_reads_patch_mean():
@@ -175,6 +271,9 @@ def test_help_explains_every_flag(capsys):
     (["--token-keep", "0"], "--token-keep must be in (0, 1]"),
     (["--full-token-tail", "1.5"], "--full-token-tail must be in [0, 1]"),
     (["--variant", "mcsl"], "did you mean mcls"),
+    (["--repeat-aug", "0"], "--repeat-aug must be in [1, inf)"),
+    (["--eval-every", "-1"], "--eval-every must be in [0, inf)"),
+    (["--depth-token-only", "2", "--pool", "gap", "--num-cls", "0"], "need a CLS token"),
     (["--data", "/nonexistent/cifar.tar.gz"], "/nonexistent/cifar.tar.gz"),
     (["--eval-only"], "--eval-only needs --resume"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
@@ -271,13 +370,19 @@ def test_precision_follows_the_hardware(flags, device, want):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lion"])
-def test_optimizers_decay_weight_matrices_only_and_adamw_is_fused_on_cpu(optimizer):
+def test_optimizers_decay_what_decay_params_says_and_adamw_is_fused_on_cpu(optimizer):
     cfg = S.resolve_config("baseline", width=32, depth=1, heads=2, optimizer=optimizer)
     model = S.build_model(cfg)
-    opt = S.make_optimizer(model, cfg, torch.device("cpu"))
+    # the paper's code: AdamW(model.parameters(), weight_decay=0.05), every parameter decays
+    (group,) = S.make_optimizer(model, S.dataclasses.replace(cfg, decay_params="all"),
+                                torch.device("cpu")).param_groups
+    assert group["weight_decay"] == 0.05 and len(group["params"]) == len(list(model.parameters()))
+    opt = S.make_optimizer(model, S.dataclasses.replace(cfg, decay_params="matrices"),
+                           torch.device("cpu"))
     decay, free = opt.param_groups
     assert decay["weight_decay"] == 0.05 and free["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and model.cls_token in free["params"]
+    assert S.resolve_config("cpu-speedrun").decay_params == "matrices"
     if optimizer == "adamw":
         assert opt.defaults["fused"]  # one update kernel: ~5x faster than foreach on CPU
         before = [p.detach().clone() for p in model.parameters()]
