@@ -87,7 +87,7 @@ class Config:
     autoaugment: bool = _f(True, "AutoAugment CIFAR-10 policy, per image")
     erase_prob: float = _f(0.25, "random-erasing probability per image")
     mix_prob: float = _f(0.5, "probability that a batch is mixed (CutMix or MixUp)")
-    mix_partner: str = _f("flip", "whose image each mixed image takes in: a random "
+    mix_partner: str = _f("randperm", "whose image each mixed image takes in: a random "
                           "permutation of the batch (the paper's code), or the batch in reverse "
                           "order (fixed pairs i, B-1-i)", choices=("randperm", "flip"))
     mixup: bool = _f(True, "allow MixUp for mixed batches")
@@ -104,7 +104,7 @@ class Config:
     optimizer: str = _f("adamw", "optimizer", choices=("adamw", "lion"))
     lr: float = _f(2e-3, "peak learning rate (the paper's text: 2e-3)")
     weight_decay: float = _f(0.05, "decoupled weight decay (on --decay-params)")
-    decay_params: str = _f("matrices", "what weight decay acts on: all parameters (the paper's code), "
+    decay_params: str = _f("all", "what weight decay acts on: all parameters (the paper's code), "
                            "or matrices (>= 2-D weights; biases, norms, CLS and position "
                            "embedding stay free)", choices=("all", "matrices"))
     batch_size: int = _f(256, "global batch size (split across processes under torchrun)")
