@@ -608,8 +608,9 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device,
     else:  # weight matrices only: biases, norms, CLS and position tokens stay free
         decay = [p for n, p in named if p.dim() >= 2 and "token" not in n and "pos_embed" not in n]
     rest = [p for n, p in named if not any(p is d for d in decay)]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": rest, "weight_decay": 0.0}) if g["params"]]
+    # two groups always (the free one empty under "all"): a checkpoint's optimizer has this layout
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
     if cfg.optimizer == "lion":
         return Lion(groups, lr=lr)
     # fused: one kernel over all tensors, on CPU too (about 5x faster than foreach there);

@@ -374,9 +374,10 @@ def test_optimizers_decay_what_decay_params_says_and_adamw_is_fused_on_cpu(optim
     cfg = S.resolve_config("baseline", width=32, depth=1, heads=2, optimizer=optimizer)
     model = S.build_model(cfg)
     # the paper's code: AdamW(model.parameters(), weight_decay=0.05), every parameter decays
-    (group,) = S.make_optimizer(model, S.dataclasses.replace(cfg, decay_params="all"),
-                                torch.device("cpu")).param_groups
+    group, free = S.make_optimizer(model, S.dataclasses.replace(cfg, decay_params="all"),
+                                   torch.device("cpu")).param_groups
     assert group["weight_decay"] == 0.05 and len(group["params"]) == len(list(model.parameters()))
+    assert free["params"] == []  # kept, empty: checkpoints hold two groups
     opt = S.make_optimizer(model, S.dataclasses.replace(cfg, decay_params="matrices"),
                            torch.device("cpu"))
     decay, free = opt.param_groups
