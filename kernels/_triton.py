@@ -52,8 +52,30 @@ class _KernelFunction(JITFunction):
             raise RuntimeError("Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to run "
                                "them on CPU tensors in Triton's interpreter")
         _fix_interpreter_bf16_dot()
-        with _jit_helpers_interpreted():
+        with _language_restored(), _jit_helpers_interpreted():
             return self._interp.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+
+class _language_restored:
+    """Put triton.language back as it was after an interpreted launch. The interpreter swaps
+    tl's builtins, tl.tensor's methods, tl.dtype.to_ir, tl.range, tl.reduce... for numpy
+    versions; a launch undoes its own swaps, but a call to a @triton.jit helper from inside a
+    kernel (InterpretedFunction.__call__, triton 3.x) swaps them for good, and every later real
+    compile in the process then fails (CompilationError). Snapshot and restore every attribute
+    of the objects it patches."""
+
+    def __enter__(self):
+        core = tl.core
+        self.saved = [(obj, dict(vars(obj))) for obj in
+                      (tl, core, tl.math, core.tensor, core.dtype, core.tensor_descriptor_base)]
+
+    def __exit__(self, *exc):
+        for obj, before in self.saved:
+            for name in set(vars(obj)) - set(before):
+                delattr(obj, name)
+            for name, value in before.items():
+                if vars(obj).get(name) is not value:
+                    setattr(obj, name, value)
 
 
 _INTERPRETED = {}

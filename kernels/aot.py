@@ -222,9 +222,9 @@ def _job(args):
 
 
 def run(builds, targets=TARGETS, jobs=1):
-    """[(build, cap, resources)] for every build × target. Compiles run in fresh processes: a
-    process that has interpreted Triton kernels (TRITON_INTERPRET=1, as the tests do) keeps
-    triton.language patched, and its own compiles then fail."""
+    """[(build, cap, resources)] for every build × target. Compiles run in fresh processes
+    without TRITON_INTERPRET: a process that imported triton under it cannot compile (and
+    compiles run in parallel there)."""
     work = [(b, cap) for b in builds for cap in targets]
     results = {w: _cached(*w) for w in work}
     todo = [w for w in work if results[w] is None]

@@ -423,3 +423,21 @@ def test_aot_builds_fit_every_target():
     assert {cap for _, cap, _ in rows} == {80, 86, 90}
     bad = [(b.kernel, b.config, cap, r) for b, cap, r in rows if not aot.ok(r)]
     assert not bad, aot.table([(b, cap, r) for b, cap, r in rows if not aot.ok(r)])
+
+
+@needs_triton
+def test_interpreted_launch_leaves_real_compiles_working(tmp_path, monkeypatch):
+    """One interpreted launch (its kernel calls @triton.jit helpers), then an sm_90 compile in
+    the same process: the interpreter's swaps of triton.language must be undone, or every later
+    real compile fails (as it would in a GPU machine's test run)."""
+    import triton.language as tl
+    builtins_before = {name: getattr(tl, name) for name in ("load", "dot", "max", "range")}
+    kernels.set_backend("triton")
+    q = torch.randn(1, 1, 65, 16, requires_grad=True)
+    kernels.attention(q, q, q, 0.25).sum().backward()  # forward and backward kernels
+    assert {name: getattr(tl, name) for name in builtins_before} == builtins_before
+    monkeypatch.setattr(aot, "CACHE", tmp_path)  # a cache hit would compile nothing
+    monkeypatch.delenv("TRITON_INTERPRET")
+    build = aot.attention_builds((65,), (16,), (torch.bfloat16,), ("off",), kernels=("fwd",))[0]
+    res = aot.compile_one(build, 90)
+    assert res["regs"] > 0 and aot.ok(res)
