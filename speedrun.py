@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import glob
 import json
 import math
 import os
@@ -646,9 +647,34 @@ def soft_cross_entropy(logits, targets, smoothing: float):
 # ----------------------------------------------------------------------------------------------
 # Devices, precision, processes
 
+def nvidia_device_files() -> list:
+    return glob.glob("/dev/nvidia[0-9]*")
+
+
+def unusable_gpu_reason() -> Optional[str]:
+    """Why torch sees no CUDA device on a machine that has an NVIDIA GPU (None: no such GPU, or
+    it works). Without this a too-old driver means a silent run on the CPU."""
+    if torch.cuda.is_available() or not nvidia_device_files():
+        return None
+    if torch.version.cuda is None:
+        return (f"an NVIDIA GPU is present but torch {torch.__version__} is a CPU-only build; "
+                f"install a CUDA build of torch (https://pytorch.org/get-started/locally/)")
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return "an NVIDIA GPU is present but CUDA_VISIBLE_DEVICES hides it"
+    return (f"an NVIDIA GPU is present but torch {torch.__version__} (built for CUDA "
+            f"{torch.version.cuda}) cannot use it: the NVIDIA driver is too old for CUDA "
+            f"{torch.version.cuda} or not loaded (see nvidia-smi); install a driver for CUDA "
+            f"{torch.version.cuda} or newer, or a torch build for the driver's CUDA version")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        reason = unusable_gpu_reason()
+        if reason:
+            print(f"warning: {reason}; training on the CPU", file=sys.stderr)
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -656,7 +682,9 @@ def pick_device(name: str) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
         raise UsageError(f"unknown --device {name!r} (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but no CUDA device is available")
+        reason = unusable_gpu_reason()
+        raise UsageError(f"--device {name}: {reason}" if reason
+                         else "--device cuda requested but no CUDA device is available")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
                          f"device(s)")
@@ -726,6 +754,12 @@ def init_distributed(device_name: str) -> Dist:
         return Dist()
     dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        pick_device(device_name)  # refuses, saying why
+    if use_cuda and dist.local_rank >= torch.cuda.device_count():
+        raise UsageError(f"LOCAL_RANK {dist.local_rank} but this machine shows "
+                         f"{torch.cuda.device_count()} CUDA device(s): start at most that many "
+                         f"processes per machine (torchrun --nproc-per-node), or use --device cpu")
     if use_cuda:
         torch.cuda.set_device(dist.local_rank)
     if not torch.distributed.is_initialized():  # a second run in the same processes reuses it

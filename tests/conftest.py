@@ -88,3 +88,24 @@ def tiny_cifar(tmp_path):
                       b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
                for name, n in sizes.items()}
     return write_archive(tmp_path / "cifar-10-python.tar.gz", batches)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: the test is about CUDA (may pick a device itself)")
+
+
+@pytest.fixture(autouse=True)
+def _device_pinned(request, monkeypatch):
+    """On a GPU machine a test that leaves the device to 'auto' trains on CUDA instead of what it
+    was written for (and compiles there): every test but the CUDA ones names its device."""
+    if request.node.get_closest_marker("cuda"):
+        return
+    import speedrun
+    pick = speedrun.pick_device
+
+    def pinned(name):
+        assert name != "auto" and not name.startswith("cuda"), \
+            f"a test asked for --device {name!r}: pin it to cpu (or mark it cuda)"
+        return pick(name)
+
+    monkeypatch.setattr(speedrun, "pick_device", pinned)

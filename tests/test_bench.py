@@ -192,7 +192,8 @@ def test_help_explains_every_flag(capsys):
 ])
 def test_bad_input_is_one_line_exit_2(main, argv, message, capsys, tmp_path):
     writes = main in (T.main, P.main, Pr.main)  # the others have no --out
-    assert main(argv + (["--out", str(tmp_path / "out")] if writes else [])) == 2
+    pinned = ["--device", "cpu"] if writes else []
+    assert main(pinned + argv + (["--out", str(tmp_path / "out")] if writes else [])) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()

@@ -27,7 +27,7 @@ N_TRAIN, N_TEST = 64, 32
 # 4 steps an epoch, 12 in all; checkpoints at 4, 8, 12; a log line and host sync every step
 TINY = ["--width", "32", "--depth", "1", "--heads", "2", "--patch-size", "8", "--batch-size", "16",
         "--passes-per-epoch", "1", "--epochs", "3", "--warmup-epochs", "1", "--eval-every", "1",
-        "--log-every", "1", "--no-autoaugment"]
+        "--log-every", "1", "--no-autoaugment", "--device", "cpu"]
 # what differs between two identical runs: wall-clock figures and the folder
 TIMING_KEYS = {"img_per_s", "elapsed", "train_s", "total_s", "out"}
 
@@ -369,6 +369,19 @@ def test_batch_not_divisible_by_processes_is_refused_before_rendezvous(archive, 
     refused(capsys, ["--data", archive, "--out", str(tmp_path / "new")] + TINY + ["--batch-size", "15"],
             "--batch-size 15 is not divisible by the 2 processes")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.cuda
+def test_more_processes_than_gpus_is_refused_before_rendezvous(archive, tmp_path, monkeypatch, capsys):
+    """torchrun's second process on a one-GPU machine: LOCAL_RANK 1 names no device."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d}) reached"))
+    argv = ["--data", archive, "--out", str(tmp_path / "new")] + TINY + ["--device", "cuda"]
+    refused(capsys, argv, "LOCAL_RANK 1 but this machine shows 1 CUDA device(s)")
 
 
 def test_folder_holding_another_run_is_refused(archive, old_run, capsys):

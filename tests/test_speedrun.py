@@ -279,9 +279,28 @@ def test_help_explains_every_flag(capsys):
     (["--resume", "/nonexistent/run"], "no checkpoint"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
-    assert S.main(argv + ["--out", str(tmp_path / "run")]) == 2
+    assert S.main(argv + ["--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cuda_build, why", [(None, "CPU-only build"), ("12.8", "driver is too old")])
+def test_unusable_gpu_is_named_not_silently_skipped(cuda_build, why, monkeypatch, capsys, tmp_path):
+    """/dev/nvidia0 exists but torch sees no CUDA device: auto says why before training on the
+    CPU; --device cuda refuses in one line."""
+    monkeypatch.setattr(S, "nvidia_device_files", lambda: ["/dev/nvidia0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert S.pick_device("auto") == torch.device("cpu")
+    err = capsys.readouterr().err.strip()
+    assert why in err and "install" in err and len(err.splitlines()) == 1
+    assert S.main(["--device", "cuda", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --device cuda: ") and why in err and len(err.splitlines()) == 1
+    monkeypatch.setattr(S, "nvidia_device_files", lambda: [])  # no GPU at all: nothing to say
+    assert S.pick_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""
 
 
 def test_list_variants_shows_every_preset(capsys):
@@ -297,7 +316,8 @@ def test_end_to_end_on_real_cifar(real_archive, tmp_path):
     out = tmp_path / "run"
     argv = ["--data", real_archive, "--out", str(out), "--max-steps", "60", "--batch-size", "64",
             "--width", "64", "--depth", "2", "--heads", "4", "--no-autoaugment", "--mix-prob", "0",
-            "--erase-prob", "0", "--drop-path", "0", "--log-every", "10", "--warmup-epochs", "1"]
+            "--erase-prob", "0", "--drop-path", "0", "--log-every", "10", "--warmup-epochs", "1",
+            "--device", "cpu"]
     assert S.main(argv) == 0
     lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
     train = [l["loss"] for l in lines if l["kind"] == "train"]
@@ -317,7 +337,7 @@ def test_time_budget_schedule_ends_at_the_budget(real_archive, tmp_path):
     clock = lambda: next(ticks) * 0.05
     cfg = S.resolve_config("baseline", width=32, depth=1, heads=2, patch_size=8, batch_size=64,
                            time_budget=30.0, log_every=1, autoaugment=False, mix_prob=0.0, data=real_archive, out=str(tmp_path / "run"),
-                           precision="fp32")
+                           precision="fp32", device="cpu")
     summary = S.train(cfg, clock=clock)
     lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     lrs = [l["lr"] for l in lines if l["kind"] == "train"]
@@ -353,7 +373,7 @@ def test_time_budget_keeps_what_the_final_evaluation_takes(real_archive, tmp_pat
     now = fake_clock(monkeypatch, step_s=lambda keep: 0.05, eval_s_per_image=0.002)
     cfg = S.resolve_config("baseline", width=32, depth=1, heads=2, patch_size=8, batch_size=64,
                            time_budget=60.0, log_every=5, autoaugment=False, mix_prob=0.0,
-                           data=real_archive, out=str(tmp_path / "run"), precision="fp32")
+                           data=real_archive, out=str(tmp_path / "run"), precision="fp32", device="cpu")
     summary = S.train(cfg, clock=lambda: now[0])
     assert 60.0 - 3.0 < summary["total_s"] <= 60.0
 
@@ -495,7 +515,7 @@ def test_full_token_tail_runs_last_and_the_run_still_ends_at_its_budget(real_arc
     cfg = S.resolve_config("cpu-speedrun", width=32, depth=1, heads=2, patch_size=8, batch_size=32,
                            time_budget=40.0, log_every=5, token_keep=0.25, full_token_tail=0.25,
                            tta_flip=False, whiten=False, data=real_archive,
-                           out=str(tmp_path / "run"), precision="fp32")
+                           out=str(tmp_path / "run"), precision="fp32", device="cpu")
     summary = S.train(cfg, clock=lambda: now[0])
     assert 40.0 - 3.0 < summary["total_s"] <= 40.0
     switch = keeps.index(1.0)
