@@ -1659,7 +1659,7 @@ def finish(trainer: "Trainer", run: RunFolder, meter: Meter, step: int, start_ti
     summary = {"variant": cfg.variant, "test_acc": round(result["test_acc"], 2),
                "test_loss": round(result["test_loss"], 4),
                "best_test_acc": None if best is None else round(best, 2), "best_epoch": best_epoch,
-               "steps": step, "skipped": meter.skipped,
+               "steps": step, "skipped": meter.skipped, "compiled": trainer.compiled,
                "train_s": round(wall, 1), "total_s": round(meter.budget.clock() - start_time, 1),
                "img_per_s": round(step * cfg.batch_size / max(wall, 1e-9), 1), "out": run.out}
     run.record("summary", **summary)

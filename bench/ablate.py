@@ -46,9 +46,9 @@ from common import UsageError, data_gpu, speedrun
 PAPER_VARIANTS = [name for name, v in speedrun.VARIANTS.items() if v.paper_acc is not None]
 DEFAULT_OUT = os.path.join(common.RESULTS, "ablate")
 COLUMNS = [("variant", "variant"), ("status", "status"), ("steps", "steps"),
-           ("train_s", "wall s"), ("img_per_s", "img/s"), ("test_acc", "final acc %"),
-           ("vs_base", "final vs base"), ("best_test_acc", "best acc %"), ("best_epoch", "best ep"),
-           ("best_vs_base", "best vs base"), ("paper_acc", "paper acc %"),
+           ("compiled", "compiled"), ("train_s", "wall s"), ("img_per_s", "img/s"),
+           ("test_acc", "final acc %"), ("vs_base", "final vs base"), ("best_test_acc", "best acc %"),
+           ("best_epoch", "best ep"), ("best_vs_base", "best vs base"), ("paper_acc", "paper acc %"),
            ("paper_vs_base", "paper vs base")]
 
 
@@ -151,7 +151,7 @@ def folder_state(cfg):
 def make_row(name: str, status: str, summary: dict = None, error: str = "") -> dict:
     paper = speedrun.VARIANTS.get(name)  # a composed row (mcls+mla-q) has no paper figure
     row = {"variant": name, "status": status, "paper_acc": paper.paper_acc if paper else None}
-    for key in ("steps", "train_s", "total_s", "img_per_s", "test_acc", "test_loss",
+    for key in ("steps", "compiled", "train_s", "total_s", "img_per_s", "test_acc", "test_loss",
                 "best_test_acc", "best_epoch", "out"):
         row[key] = (summary or {}).get(key)
     if error:
@@ -184,6 +184,8 @@ def markdown(rows: list, args) -> str:
     def cell(key, value):
         if value is None:
             return "—"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
         if key in ("vs_base", "best_vs_base", "paper_vs_base"):
             return f"{value:+.2f}"
         if key == "best_epoch":
@@ -291,6 +293,9 @@ def run_all(args, clock=time.monotonic) -> int:
               f" | elapsed {speedrun.fmt_time(clock() - started)} | ETA "
               f"{'?' if left is None else speedrun.fmt_time(left)} -> {cfg.out}", flush=True)
         t0 = clock()
+        # each variant compiles afresh: otherwise Dynamo's recompile limit (8) is reached after
+        # a few variants, and the rest run eagerly without a word
+        torch._dynamo.reset()
         try:
             summary = speedrun.train(cfg, resume_state=found, overwrite=state == "fresh",
                                      clock=clock, start_time=t0)

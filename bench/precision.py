@@ -50,11 +50,14 @@ def run_config(args, precision: str, seed: int, out: str) -> speedrun.Config:
 
 
 def run_one(cfg: speedrun.Config) -> dict:
+    # a fresh compile per run: none falls back to eager at Dynamo's recompile limit
+    speedrun.torch._dynamo.reset()
     summary = speedrun.train(cfg, overwrite=True)
     precision, seed, out = cfg.precision, cfg.seed, cfg.out
     with open(os.path.join(out, "metrics.jsonl")) as f:
         train = [row for row in map(json.loads, f) if row["kind"] == "train"]
     return {"precision": precision, "seed": seed, "steps": summary["steps"],
+            "compiled": summary["compiled"],
             "loss": train[-1]["loss"], "test_acc": summary["test_acc"],
             "img_per_s": summary["img_per_s"]}
 
@@ -76,9 +79,10 @@ def compare(runs: list) -> dict:
 def markdown(runs: list, stats: dict, args) -> str:
     lines = [f"`{args.variant}` {' '.join(args.set)}: {args.max_steps} steps of {args.batch_size}, "
              f"seeds {' '.join(map(str, args.seeds))}", "",
-             "| precision | seed | steps | final train loss | test acc % | img/s |",
-             "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['precision']} | {r['seed']} | {r['steps']} | {r['loss']:.4f} | "
+             "| precision | seed | steps | compiled | final train loss | test acc % | img/s |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    lines += [f"| {r['precision']} | {r['seed']} | {r['steps']} | "
+              f"{'yes' if r['compiled'] else 'no'} | {r['loss']:.4f} | "
               f"{r['test_acc']:.2f} | {r['img_per_s']:,.0f} |" for r in runs]
     lines += ["", "| metric | fp32 mean ± std | bf16 mean ± std | bf16 − fp32 | 2 s.e. | verdict |",
               "|---|---:|---:|---:|---:|---|"]

@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import speedrun
 import ablate
@@ -15,18 +16,23 @@ def test_runs_variants_writes_table_and_skips_finished_on_rerun(tiny_cifar, tmp_
     out = tmp_path / "ablate"
     argv = ["--variants", "dim96,mcls", "--max-steps", "3", "--batch-size", "8",
             "--data", tiny_cifar, "--device", "cpu", "--out", str(out)]
+    resets = []
+    reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1) or reset())
     assert ablate.main(argv) == 0
+    assert len(resets) == 2  # before each variant: none may hit the recompile limit
     report = json.load(open(out / "ablate.json"))
     rows = {r["variant"]: r for r in report["rows"]}
     assert list(rows) == ["dim96", "mcls"] and report["budget"]["max_steps"] == 3
     for name, row in rows.items():
-        assert row["status"] == "ran" and row["steps"] == 3
+        assert row["status"] == "ran" and row["steps"] == 3 and row["compiled"] is False
         assert 0 <= row["test_acc"] <= 100 and row["img_per_s"] > 0
         assert row["best_test_acc"] is None  # 3 steps: no evaluation before the end
         assert row["paper_acc"] == speedrun.VARIANTS[name].paper_acc
         assert json.load(open(out / name / "summary.json"))["steps"] == 3
     table = (out / "ablate.md").read_text()
     assert "| dim96 |" in table and "| mcls |" in table and "90.41" in table and "93.95" in table
+    assert "| compiled |" in table and "| mcls | ran | 3 | no |" in table
     assert "| mcls |" in capsys.readouterr().out  # the final table on stdout
 
     # rerun: both are finished with this budget, so the trainer is never called

@@ -199,7 +199,11 @@ def test_bad_input_is_one_line_exit_2(main, argv, message, capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_precision_runs_both_over_seeds_and_reports_the_difference(tiny_cifar, tmp_path, capsys):
+def test_precision_runs_both_over_seeds_and_reports_the_difference(tiny_cifar, tmp_path, capsys,
+                                                                   monkeypatch):
+    resets = []
+    reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1) or reset())
     out = tmp_path / "precision"
     argv = TINY + ["--variant", "cpu-speedrun", "--max-steps", "2", "--batch-size", "8",
                    "--seeds", "0", "1", "--data", tiny_cifar, "--out", str(out)]
@@ -207,12 +211,13 @@ def test_precision_runs_both_over_seeds_and_reports_the_difference(tiny_cifar, t
     report = json.load(open(out / "results.json"))
     assert [(r["precision"], r["seed"], r["steps"]) for r in report["runs"]] == [
         ("fp32", 0, 2), ("bf16", 0, 2), ("fp32", 1, 2), ("bf16", 1, 2)]
+    assert len(resets) == 4 and not any(r["compiled"] for r in report["runs"])
     for run in report["runs"]:
         saved = json.load(open(out / f"{run['precision']}-seed{run['seed']}" / "config.json"))
         assert (saved["precision"], saved["seed"], saved["width"], saved["time_budget"]) == (
             run["precision"], run["seed"], 32, 0.0)
     assert set(report["stats"]) == {"loss", "test_acc"}
-    assert "bf16 − fp32" in capsys.readouterr().out and (out / "table.md").exists()
+    assert "bf16 − fp32" in capsys.readouterr().out and "| fp32 | 0 | 2 | no |" in (out / "table.md").read_text()
 
 
 def test_precision_verdict_compares_the_difference_with_the_seed_spread():
