@@ -828,6 +828,8 @@ class Trainer:
             self.forward_loss = torch.compile(self._forward_loss, fullgraph=True, **COMPILE)
             self.net = torch.compile(self.net, **COMPILE)  # evaluation's graph
         self.graphs = {}  # token share -> (CUDA graph, its loss tensor), filled by prepare()
+        # one evaluation batch size per run (a compiled run pads the last batch up to it)
+        self.eval_batch = min(1000, -(-self.data["test_x"].shape[0] // dist.world_size))
         torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # drop-path and token-drop draws
 
     def whitening_images(self) -> torch.Tensor:
@@ -945,7 +947,7 @@ class Trainer:
         with self.rehearsal():
             for keep in keeps:
                 self.step(self.host_step, self.host_share, keep, skip_nonfinite)
-            self.evaluate(limit=1000)
+            self.evaluate(limit=self.eval_batch)
             if self.records_graphs(skip_nonfinite):
                 try:
                     self.graphs = {keep: self.record(keep) for keep in keeps}
@@ -1027,19 +1029,23 @@ class Trainer:
         return f"{said}; a batch of {fits}{per} fits: try --batch-size {fits * world}"
 
     @torch.no_grad()
-    def evaluate(self, batch_size: int = 1000, limit: Optional[int] = None):
+    def evaluate(self, batch_size: Optional[int] = None, limit: Optional[int] = None):
         """Test accuracy and loss; under torchrun each rank takes a slice, counts are summed.
         limit: only the first `limit` images of each rank's slice (to time an evaluation)."""
         self.net.eval()
+        batch_size = batch_size or self.eval_batch
         xs = self.data["test_x"][self.dist.rank::self.dist.world_size][:limit]
         ys = self.data["test_y"][self.dist.rank::self.dist.world_size][:limit]
         totals = torch.zeros(3, device=self.device, dtype=torch.float64)  # correct, loss, count
         for i in range(0, xs.shape[0], batch_size):
             x, y = data_gpu.normalize(xs[i:i + batch_size]), ys[i:i + batch_size]
+            n = x.shape[0]
+            if self.compiled and n < batch_size:  # the compiled graph's one shape: pad, then drop
+                x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
             with self.autocast():
-                logits = self.net(x).float()
+                logits = self.net(x)[:n].float()
                 if self.cfg.tta_flip:  # a mirrored CIFAR image is as likely as the image itself
-                    logits = (logits + self.net(x.flip(-1)).float()) / 2
+                    logits = (logits + self.net(x.flip(-1))[:n].float()) / 2
             totals += torch.stack([(logits.argmax(-1) == y).sum().double(),
                                    F.cross_entropy(logits, y, reduction="sum").double(),
                                    torch.tensor(float(y.numel()), device=self.device,
@@ -1053,9 +1059,9 @@ class Trainer:
         """Seconds an evaluation of the test set will take, from timing its first batch (of every
         rank)."""
         world, n_test = self.dist.world_size, self.data["test_x"].shape[0]
-        n = max(1, min(1000, n_test // world))
+        n = max(1, min(self.eval_batch, n_test // world))
         t = clock()
-        self.evaluate(batch_size=n, limit=n)
+        self.evaluate(limit=n)  # in eval_batch-sized batches: the graph prepare() built
         return (clock() - t) * n_test / (n * world)
 
     # -- checkpoints: everything needed for a bit-exact continuation ---------------------------
@@ -1399,14 +1405,17 @@ class RunFolder:
 class Budget:
     """The schedule's clock. Progress through warm-up and cosine is the larger of the steps' share
     and, under --time-budget, the time's share: the whole run, start-up and final evaluation
-    included, then ends with the budget. The final evaluation's reserve is one eval batch timed
-    5 steps in (again 5 steps after the steps' cost changes), rescaled by each log window's pace
-    as the machine's speed drifts."""
+    included, then ends with the budget. As in speedruns, the one-off compile and warm-up
+    (Trainer.prepare: warmup_s, before this clock starts) are not part of the budget: it holds
+    data, augmentation, training and evaluation. The final evaluation's reserve is one eval batch
+    timed 5 steps in (again 5 steps after the steps' cost changes), rescaled by each log window's
+    pace as the machine's speed drifts."""
 
     def __init__(self, cfg: Config, total: int, step: int, start_time: float, clock, time_eval,
-                 world_size: int):
+                 world_size: int, warmup_s: float = 0.0):
         self.cfg, self.total, self.clock, self.time_eval = cfg, total, clock, time_eval
-        self.end = start_time + cfg.time_budget if cfg.time_budget else None
+        self.start_time, self.warmup_s = start_time, warmup_s
+        self.end = start_time + warmup_s + cfg.time_budget if cfg.time_budget else None
         self.reserve, self.eval_s, self.eval_ips = 0.0, 0.0, None
         self.start = self.window_start = clock()
         self.window_step, self.timing_step = step, step + 5
@@ -1451,6 +1460,10 @@ class Budget:
 
     def eta(self, progress: float) -> float:
         return (self.clock() - self.start) * (1 - progress) / max(progress, 1e-9)
+
+    def timed_s(self) -> float:
+        """Seconds since the run started, less the warm-up: what the budget counts."""
+        return self.clock() - self.start_time - self.warmup_s
 
 
 class Evaluations:
@@ -1582,19 +1595,23 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
         result = trainer.evaluate()
         log(f"test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) at step {step}")
         return result
+    warm_start = clock()
     trainer.prepare({keep_at(0.0, cfg), keep_at(1.0, cfg)}, cfg.nan_policy == "skip")
+    warmup_s = clock() - warm_start if trainer.compiled else 0.0
     run.open()
     try:
         evals = Evaluations(cfg, trainer.steps_per_epoch, resume_state)
-        return run_loop(trainer, run, step, prior_elapsed, skipped, evals, clock, start_time, log)
+        return run_loop(trainer, run, step, prior_elapsed, skipped, evals, clock, start_time, log,
+                        warmup_s)
     except BaseException:
         run.abandon()  # before the first checkpoint: as if the run had never started
         raise
 
 
 def run_loop(trainer: "Trainer", run: RunFolder, step: int, prior_elapsed: float, skipped: int,
-             evals: "Evaluations", clock, start_time: float, log) -> dict:
-    """The training loop from `step`, then the final evaluation; returns the summary dict."""
+             evals: "Evaluations", clock, start_time: float, log, warmup_s: float = 0.0) -> dict:
+    """The training loop from `step`, then the final evaluation; returns the summary dict.
+    warmup_s: the compile and warm-up before it, which the time budget leaves out."""
     cfg, dist, device = trainer.cfg, trainer.dist, trainer.device
     total, ckpt_steps = trainer.total_steps, max(1, round(trainer.steps_per_epoch))
     log(f"{cfg.variant}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
@@ -1602,7 +1619,7 @@ def run_loop(trainer: "Trainer", run: RunFolder, step: int, prior_elapsed: float
         f", compile {trainer.compiled}, kernels {cfg.kernels}) -> {run.out}")
     if device.type == "cpu" and (note := cpu_recipe_note(cfg, total)):
         log(note)
-    budget = Budget(cfg, total, step, start_time, clock, trainer.time_eval, dist.world_size)
+    budget = Budget(cfg, total, step, start_time, clock, trainer.time_eval, dist.world_size, warmup_s)
     meter = Meter(trainer, run, budget, skipped, prior_elapsed, evals)
     stopped_by = None
     with StopRequest() as stop:
@@ -1660,14 +1677,17 @@ def finish(trainer: "Trainer", run: RunFolder, meter: Meter, step: int, start_ti
                "test_loss": round(result["test_loss"], 4),
                "best_test_acc": None if best is None else round(best, 2), "best_epoch": best_epoch,
                "steps": step, "skipped": meter.skipped, "compiled": trainer.compiled,
-               "train_s": round(wall, 1), "total_s": round(meter.budget.clock() - start_time, 1),
+               "train_s": round(wall, 1), "warmup_s": round(meter.budget.warmup_s, 1),
+               "timed_s": round(meter.budget.timed_s(), 1),
+               "total_s": round(meter.budget.clock() - start_time, 1),
                "img_per_s": round(step * cfg.batch_size / max(wall, 1e-9), 1), "out": run.out}
     run.record("summary", **summary)
     run.write_json("summary.json", summary)
     run.close()
     best_text = "—" if best is None else f"{summary['best_test_acc']:.2f}% at epoch {best_epoch:g}"
     log(f"summary: {cfg.variant} | test acc {summary['test_acc']:.2f}% | best {best_text} | "
-        f"{step:,} steps | train {summary['train_s']:.1f}s | total {summary['total_s']:.1f}s | "
+        f"{step:,} steps | train {summary['train_s']:.1f}s | warm-up {summary['warmup_s']:.1f}s + "
+        f"timed {summary['timed_s']:.1f}s | "
         f"{summary['img_per_s']:,.0f} img/s | {run.out}")
     return summary
 
