@@ -441,3 +441,25 @@ def test_interpreted_launch_leaves_real_compiles_working(tmp_path, monkeypatch):
     build = aot.attention_builds((65,), (16,), (torch.bfloat16,), ("off",), kernels=("fwd",))[0]
     res = aot.compile_one(build, 90)
     assert res["regs"] > 0 and aot.ok(res)
+
+
+# ----------------------------------------------------------------------------- the device sweep
+
+def test_parity_sweep_covers_what_the_variants_use_and_catches_a_wrong_kernel(monkeypatch):
+    """kernels.parity (bench/gpu_check.py's sweep on the GPU): every sequence length, head
+    dimension, dtype and LSA mode kernels.aot builds, class attention, mla-q and the low-rank
+    projection; here three of its checks in the interpreter, and one against a kernel 0.1 % off."""
+    from kernels import parity
+    rows = parity.configs()
+    attn = [r for r in rows if r[0] == "attention"]
+    assert {r[0] for r in rows} == {"attention", "class-attention", "mla-q", "lowrank"}
+    assert {r[1][3] for r in attn} == set(aot.SEQ_LENS) and {r[1][4] for r in attn} == set(flash_attn.HEAD_DIMS)
+    assert {(r[2], r[3]) for r in attn} == {(d, m) for d in ("fp32", "bf16") for m in aot.LSA_MODES}
+    kernels.set_backend("triton")
+    for config in [("attention", (1, 2, 65, 65, 16), "bf16", "lsa-head"),
+                   ("mla-q", (1, 2, 66, 8, 64), "fp32", "lsa-layer"),
+                   ("lowrank", (96, 64, 96), "fp32", "off")]:
+        row = parity.check(*config, torch.device("cpu"))
+        assert row["ok"], row
+    monkeypatch.setattr(parity, "attention", lambda *a: flash_attn.attention_math(*a) * 1.001)
+    assert not parity.check("attention", (1, 2, 65, 65, 16), "fp32", "off", torch.device("cpu"))["ok"]
