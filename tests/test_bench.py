@@ -266,3 +266,30 @@ def test_record_bad_input_is_one_line(argv, message, capsys):
     assert record.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_gpu_check_reduced_form_on_cpu(tiny_cifar, tmp_path, capsys):
+    """The CPU form of the first GPU command: CUDA parts skipped and saying why, the others run
+    (few tiny steps), one report and its JSON, five figures printed."""
+    import gpu_check as G
+    out = tmp_path / "check"
+    argv = ["--device", "cpu", "--set", "width=32", "depth=1", "heads=2", "--steps", "2",
+            "--batch-sizes", "16", "--epoch-steps", "2", "--data", tiny_cifar, "--out", str(out)]
+    assert G.main(argv) == 0
+    parts = json.load(open(out / "gpu_check.json"))["parts"]
+    assert "needs CUDA" in parts["tests"]["skipped"] and "needs CUDA" in parts["kernels"]["skipped"]
+    steps = parts["steps"]["rows"]
+    assert [(r["variant"], r["steps"], r["compiled"]) for r in steps] == [("mcls", 2, False),
+                                                                         ("baseline", 2, False)]
+    for r in steps:
+        assert set(r["phase_ms"]) == set(G.PHASES) and min(r["phase_ms"].values()) > 0
+        assert r["cuda_graph"] is False
+    assert [(r["batch_size"], r["status"]) for r in parts["table1"]["rows"]] == [(16, "ok")]
+    epoch = parts["epoch"]
+    assert epoch["steps"] == 2 and epoch["recipe_steps"] == 58593 and epoch["recipe_evaluations"] == 10
+    assert epoch["recipe_s"] > epoch["train_s"] * 1000
+    printed = capsys.readouterr().out
+    figures = printed.split("\n\n")[-2].splitlines()
+    assert [f.split(":")[0] for f in figures] == ["tests", "kernels", "steps", "table1", "epoch"]
+    report = (out / "gpu_check.md").read_text()
+    assert "## The five figures" in report and "| mcls | 64 | no | no |" in report

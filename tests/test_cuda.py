@@ -41,11 +41,11 @@ def test_training_steps_never_wait_for_the_device(name):
     """Whole steps under sync debug mode 'error': any device->host copy or sync raises."""
     t = trainer(name, compile="off")
     keep = t.cfg.token_keep
-    t.step(0, 1e-3, token_keep=keep)  # one-off initialisation (cuBLAS handles, Triton builds)
+    t.step(0, token_keep=keep)  # one-off initialisation (cuBLAS handles, Triton builds)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     for s in range(1, 4):
-        t.step(s, 1e-3, token_keep=keep if s < 3 else 1.0)
+        t.step(s, token_keep=keep if s < 3 else 1.0)
     torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
 
@@ -63,19 +63,24 @@ def test_compiled_and_eager_losses_agree():
     for mode in ("off", "on"):
         torch._dynamo.reset()
         t = trainer("mcls", compile=mode, drop_path=0.0)
-        losses[mode] = [t.step(s, 1e-3, token_keep=t.cfg.token_keep).item() for s in range(5)]
+        sums = []
+        for s in range(5):
+            t.step(s)
+            sums.append(t.loss_sum.item())  # the losses summed so far
+        losses[mode] = sums
     assert losses["on"] == pytest.approx(losses["off"], rel=2e-2)
 
 
 def test_no_recompiles_after_warm_up():
-    """Warm-up builds training at both token shares and evaluation; the run then builds nothing."""
+    """prepare() builds training at both token shares and evaluation (and records the steps as
+    CUDA graphs); the run then builds nothing."""
     t = trainer("token-drop", compile="on")
-    t.warm_up(0)
+    t.prepare({0.25, 1.0})
     graphs = counters["stats"]["unique_graphs"]
     for s in range(3):
-        t.step(s, 1e-3, token_keep=0.25)
+        t.step(s, token_keep=0.25)
     t.evaluate()
     for s in range(3, 6):
-        t.step(s, 1e-3, token_keep=1.0)
+        t.step(s, token_keep=1.0)
     t.evaluate()
     assert counters["stats"]["unique_graphs"] == graphs and graphs >= 3

@@ -1,0 +1,362 @@
+"""The first command to run on a GPU machine: does the product work there, and how fast is it?
+
+    python bench/gpu_check.py [--data ../shared/data/cifar-10-python.tar.gz]
+
+In about 8 minutes on one H100 it runs, in order (a part that fails is reported and the rest
+still run):
+  1. tests       tests/test_cuda.py in a fresh process: no host syncs inside training steps,
+                 the Triton kernels against their references on the device, compiled against
+                 eager losses, no recompiles after the warm-up;
+  2. kernels     the parity sweep (kernels/parity.py): every kernel configuration the variants
+                 use, output and gradients against float64;
+  3. steps       --steps compiled training steps each of mcls and baseline as a run takes
+                 them (after Trainer.prepare: compiled, and on CUDA replayed as a CUDA graph),
+                 then as many unrecorded ones split into data+forward / backward / optimizer
+                 by CUDA events (on CPU by the clock, eager);
+  4. table1      bench/throughput.py's forward and training throughput and memory of the
+                 baseline at --batch-sizes (eager: a compile per batch size would not fit);
+  5. epoch       one epoch of mcls through speedrun.train (compiled: warm-up, then the timed run
+                 with its final evaluation), extrapolated to the full recipe.
+Writes gpu_check.md and gpu_check.json into --out (default bench/results/gpu_check-<device>/) and
+prints the five figures that matter. With --device cpu it runs a reduced form: the CUDA tests
+and the kernel sweep are skipped (it says so; tests/test_kernels.py runs the kernels in Triton's
+interpreter), and the other parts run a few eager steps on batches of 64.
+"""
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import dataclasses
+
+import torch
+
+import common
+import throughput
+from common import UsageError, speedrun
+
+DEFAULT_DATA = os.path.join(common.ROOT, "..", "shared", "data", "cifar-10-python.tar.gz")
+# data and forward are one compiled graph (the step reads nothing from the host), so one phase
+PHASES = ("data+forward", "backward", "optimizer")
+
+
+def build_parser() -> common.Parser:
+    p = common.Parser(prog="bench/gpu_check.py", description=__doc__)
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA when present [auto]")
+    p.add_argument("--data", default="",
+                   help="CIFAR-10 archive for the one-epoch run [../shared/data/cifar-10-python.tar.gz "
+                        "if present, else speedrun's default: ./data, downloaded if missing]")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every part (e.g. width=32 depth=1 heads=2 for a "
+                        "quick trial)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed training steps per variant [200 on CUDA, 3 on CPU]")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help="Table 1 sweep [64 128 256 512 1024 on CUDA, 64 on CPU]")
+    p.add_argument("--epoch-steps", type=int, default=None,
+                   help="steps of the 'one epoch' run [a whole epoch on CUDA, 5 on CPU]")
+    p.add_argument("--out", default="", help="output folder (default: see above)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-2: what needs CUDA
+
+def run_cuda_tests() -> dict:
+    """tests/test_cuda.py in its own process, so that nothing here shares its compiled state."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           os.path.join(common.ROOT, "tests", "test_cuda.py")]
+    done = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    return {"ok": done.returncode == 0, "summary": lines[-1] if lines else done.stderr[-300:],
+            "failures": [l for l in lines if l.startswith(("FAILED", "ERROR"))]}
+
+
+def run_kernel_sweep(device) -> dict:
+    from kernels import parity
+    rows = parity.sweep(device)
+    worst = max(rows, key=lambda r: r["worst_error"] / parity.TOL[parity.DTYPES[r["dtype"]]])
+    return {"ok": all(r["ok"] for r in rows), "configurations": len(rows),
+            "failing": [r for r in rows if not r["ok"]], "worst": worst}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3: the step, phase by phase
+
+class PhaseTimer:
+    """The time of each phase of each step: CUDA events on a GPU (read once, after the last
+    step: no sync inside the loop), the clock on a CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.spans = {name: [] for name in PHASES}
+
+    def __call__(self, name):
+        timer = self
+
+        class Span:
+            def __enter__(self):
+                self.start = torch.cuda.Event(enable_timing=True) if timer.cuda else time.perf_counter()
+                if timer.cuda:
+                    self.start.record()
+
+            def __exit__(self, *exc):
+                if timer.cuda:
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                    timer.spans[name].append((self.start, end))
+                else:
+                    timer.spans[name].append(time.perf_counter() - self.start)
+
+        return Span()
+
+    def mean_ms(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {n: sum(a.elapsed_time(b) for a, b in s) / max(len(s), 1) for n, s in self.spans.items()}
+        return {n: 1000 * sum(s) / max(len(s), 1) for n, s in self.spans.items()}
+
+
+def time_steps(cfg, data, device, steps: int) -> dict:
+    torch._dynamo.reset()
+    trainer = speedrun.Trainer(cfg, data, device)
+    keep = cfg.token_keep
+    trainer.prepare({keep})  # compiles; on CUDA records the step as a CUDA graph
+    for s in range(3):  # autotuning, allocator growth
+        trainer.step(s, token_keep=keep)
+    common.sync(device)
+    start = time.perf_counter()
+    for s in range(3, 3 + steps):
+        trainer.step(s, token_keep=keep)
+    common.sync(device)
+    wall_ms = 1000 * (time.perf_counter() - start) / steps
+    # the phases: the pieces Trainer.step runs, called one by one outside any CUDA graph
+    timer = PhaseTimer(device)
+    trainer.net.train()
+    for _ in range(steps):
+        with timer("data+forward"):
+            loss = trainer.forward_loss(keep)
+        with timer("backward"):
+            loss.backward()
+        with timer("optimizer"):
+            trainer.update(loss)
+            trainer.optimizer.zero_grad(set_to_none=True)
+    phases = timer.mean_ms()
+    return {"variant": cfg.variant, "batch_size": cfg.batch_size, "compiled": trainer.compiled,
+            "cuda_graph": bool(trainer.graphs),
+            "precision": "bf16" if trainer.amp_dtype else "fp32", "kernels": trainer.kernels,
+            "steps": steps, "step_ms": wall_ms, "img_per_s": cfg.batch_size * 1000 / wall_ms,
+            "phase_ms": phases}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4: Table 1, with bench/throughput.py's own measurement
+
+def table1(cfg, batch_sizes, device, timing) -> list:
+    data = common.load_data("", n_train=max(4096, max(batch_sizes)), seed=cfg.seed)
+    rows = []
+    for bs in batch_sizes:
+        with common.tf32_matmuls(device, True):
+            row = throughput.run_one(throughput.our_trainer, dataclasses.replace(cfg, batch_size=bs),
+                                     data, device, timing)
+        rows.append({"batch_size": bs, **row})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 5: one epoch of mcls, extrapolated
+
+def one_epoch(cfg, steps: int, out: str) -> dict:
+    torch._dynamo.reset()
+    run_cfg = dataclasses.replace(cfg, max_steps=steps, out=out, eval_every=1e9, time_budget=0.0)
+    summary = speedrun.train(run_cfg, overwrite=True)
+    recipe = speedrun.resolve_config(cfg.variant)  # its own batch size (the reduced form's is 64)
+    total = speedrun.data_gpu.steps_for(recipe.epochs, recipe.batch_size, 50_000,
+                                        recipe.passes_per_epoch)
+    image_s = summary["train_s"] / (summary["steps"] * cfg.batch_size)
+    eval_s = max(summary["timed_s"] - summary["train_s"], 0.0)  # the final evaluation (+ start-up)
+    evaluations = math.ceil(recipe.epochs / recipe.eval_every)
+    full = summary["warmup_s"] + total * recipe.batch_size * image_s + evaluations * eval_s
+    return {"variant": cfg.variant, "steps": summary["steps"], "compiled": summary["compiled"],
+            "warmup_s": summary["warmup_s"], "train_s": summary["train_s"],
+            "eval_s": eval_s, "img_per_s": summary["img_per_s"], "recipe_steps": total,
+            "recipe_evaluations": evaluations, "recipe_s": full, "test_acc": summary["test_acc"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+def fmt_ms(phases: dict) -> str:
+    return " / ".join(f"{phases[n]:.2f}" for n in PHASES)
+
+
+def markdown(report) -> str:
+    lines = [f"# GPU check: {report['device_name']}", "",
+             f"torch {report['torch']}, triton {report['triton']}, CUDA {report['cuda']}; "
+             f"{report['seconds']:.0f} s in all.", "", "## The five figures", ""]
+    lines += [f"- {line}" for line in report["figures"]]
+    parts = report["parts"]
+    lines += ["", "## Parts", ""]
+    for name, part in parts.items():
+        if "skipped" in part:
+            lines.append(f"- **{name}**: skipped: {part['skipped']}")
+        elif "error" in part:
+            lines.append(f"- **{name}**: FAILED: {part['error']}")
+    if "steps" in parts and "rows" in parts["steps"]:
+        lines += ["", "### Training step, phase by phase (mean ms)", "",
+                  "| variant | batch | compiled | CUDA graph | step ms | img/s | "
+                  "data+forward / backward / optimizer ms (unrecorded) |", "|---|---:|---|---|---:|---:|---:|"]
+        yes = lambda flag: "yes" if flag else "no"
+        for r in parts["steps"]["rows"]:
+            lines.append(f"| {r['variant']} | {r['batch_size']} | {yes(r['compiled'])} | "
+                         f"{yes(r['cuda_graph'])} | {r['step_ms']:.2f} | {r['img_per_s']:,.0f} | "
+                         f"{fmt_ms(r['phase_ms'])} |")
+    if "table1" in parts and "rows" in parts["table1"]:
+        lines += ["", f"### Table 1: baseline (eager, {parts['table1']['precision']})", "",
+                  "| batch | forward img/s | train img/s | activations MB | CUDA peak MB train | "
+                  f"paper fwd img/s ({common.PAPER_DEVICE}) |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in parts["table1"]["rows"]:
+            paper = common.PAPER_TABLE1.get(r["batch_size"], (None, None))[0]
+            paper = f"{paper:,.0f}" if paper else "—"
+            if r["status"] != "ok":
+                lines.append(f"| {r['batch_size']} | OOM | OOM | — | — | {paper} |")
+                continue
+            lines.append(f"| {r['batch_size']} | {throughput.fmt_rate(r['forward_img_s'])} | "
+                         f"{throughput.fmt_rate(r['train_img_s'])} | "
+                         f"{throughput.fmt_mb(r['activation_bytes'])} | "
+                         f"{throughput.fmt_mb(r.get('cuda_peak_train_bytes'))} | {paper} |")
+    if "epoch" in parts and "recipe_s" in parts["epoch"]:
+        e = parts["epoch"]
+        lines += ["", "### One epoch of mcls, extrapolated", "",
+                  f"{e['steps']} steps (compiled: {'yes' if e['compiled'] else 'no'}): warm-up "
+                  f"{e['warmup_s']:.1f} s, training {e['train_s']:.1f} s ({e['img_per_s']:,.0f} img/s), "
+                  f"final evaluation and start-up {e['eval_s']:.1f} s. The recipe: "
+                  f"{e['recipe_steps']:,} steps and {e['recipe_evaluations']} evaluations, about "
+                  f"{e['recipe_s'] / 60:.1f} min (warm-up + the recipe's images x this run's time per "
+                  f"image + evaluations x this evaluation's time)."]
+    tests = parts.get("tests", {})
+    if tests.get("failures"):
+        lines += ["", "### Failing CUDA tests", ""] + [f"- {f}" for f in tests["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def figures(parts) -> list:
+    """The five lines a person reads first."""
+    def part(name, text):
+        p = parts.get(name, {})
+        if "skipped" in p:
+            return f"{name}: skipped ({p['skipped']})"
+        if "error" in p:
+            return f"{name}: FAILED ({p['error']})"
+        return f"{name}: {text(p)}"
+
+    def steps(p):
+        return "; ".join(f"{r['variant']} {r['step_ms']:.2f} ms/step at batch {r['batch_size']} "
+                         f"({r['img_per_s']:,.0f} img/s; data+fwd/bwd/opt {fmt_ms(r['phase_ms'])} ms)"
+                         for r in p["rows"])
+
+    def t1(p):
+        ok = [r for r in p["rows"] if r["status"] == "ok"]
+        if not ok:
+            return "every batch size ran out of memory"
+        best = max(ok, key=lambda r: r["forward_img_s"]["median"])
+        peak = ok[-1].get("cuda_peak_train_bytes")
+        return (f"baseline forward {best['forward_img_s']['median']:,.0f} img/s at batch "
+                f"{best['batch_size']}; training peak {throughput.fmt_mb(peak)} MB at batch "
+                f"{ok[-1]['batch_size']}")
+
+    return [
+        part("tests", lambda p: ("passed" if p["ok"] else "FAILED") + f" ({p['summary']})"),
+        part("kernels", lambda p: f"{p['configurations'] - len(p['failing'])}/{p['configurations']} "
+             f"configurations match; worst {p['worst']['kind']} {p['worst']['dtype']} "
+             f"{p['worst']['lsa']}: {p['worst']['worst_error']:.1e}"),
+        part("steps", steps),
+        part("table1", t1),
+        part("epoch", lambda p: f"mcls full recipe about {p['recipe_s'] / 60:.1f} min "
+             f"({p['img_per_s']:,.0f} img/s, warm-up {p['warmup_s']:.0f} s)"),
+    ]
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    device = speedrun.pick_device(args.device)
+    cuda = device.type == "cuda"
+    steps = args.steps or (200 if cuda else 3)
+    batch_sizes = args.batch_sizes or ([64, 128, 256, 512, 1024] if cuda else [64])
+    if min([steps] + batch_sizes + [args.epoch_steps or 1]) < 1:
+        raise UsageError("--steps, --batch-sizes and --epoch-steps must be positive")
+    overrides = common.parse_overrides(args.set, {"batch_size": "--batch-sizes"})
+    data_path = args.data or (DEFAULT_DATA if os.path.exists(DEFAULT_DATA) else "")
+
+    def config(variant):
+        # on a CPU the reduced form runs eagerly (a recipe-length run would compile there), on
+        # batches of 64
+        reduced = {} if cuda else {"compile": "off", "batch_size": 64}
+        return speedrun.resolve_config(variant, **{**reduced, **overrides, "device": args.device})
+
+    mcls, baseline = config("mcls"), config("baseline")  # bad --set fails here, before any part
+    out = args.out or os.path.join(common.RESULTS, f"gpu_check-{device.type}")
+    os.makedirs(out, exist_ok=True)
+    started = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)"
+    print(f"gpu_check: {name} -> {out}", flush=True)
+    parts = {}
+
+    def attempt(part, fn):
+        t = time.perf_counter()
+        print(f"gpu_check: {part} ...", flush=True)
+        try:
+            parts[part] = fn()
+        except Exception as e:  # one failing part must not hide what the others would show
+            traceback.print_exc()
+            parts[part] = {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}
+        parts[part]["seconds"] = round(time.perf_counter() - t, 1)
+
+    no_cuda = "needs CUDA; this machine has none usable"
+    if cuda:
+        attempt("tests", run_cuda_tests)
+        attempt("kernels", lambda: run_kernel_sweep(device))
+    else:
+        parts["tests"] = {"skipped": no_cuda}
+        parts["kernels"] = {"skipped": no_cuda + " (tests/test_kernels.py interprets them on CPU)"}
+    data = common.load_data("", n_train=4096, seed=0)
+    attempt("steps", lambda: {"rows": [time_steps(c, data, device, steps) for c in (mcls, baseline)]})
+    timing = (3, 3, 10) if cuda else (1, 1, 1)
+    attempt("table1", lambda: {"precision": "bf16" if cuda else "auto",
+                               "rows": table1(dataclasses.replace(baseline, compile="off"),
+                                              batch_sizes, device, timing)})
+    epoch_steps = args.epoch_steps or (round(50_000 * mcls.passes_per_epoch / mcls.batch_size)
+                                       if cuda else 5)
+    attempt("epoch", lambda: one_epoch(dataclasses.replace(mcls, data=data_path), epoch_steps,
+                                       os.path.join(out, "epoch-run")))
+    report = {"device": str(device), "device_name": name, "torch": torch.__version__,
+              "triton": _triton_version(), "cuda": torch.version.cuda,
+              "seconds": time.perf_counter() - started, "parts": parts}
+    report["figures"] = figures(parts)
+    common.write_json(os.path.join(out, "gpu_check.json"), report)
+    with open(os.path.join(out, "gpu_check.md"), "w") as f:
+        f.write(markdown(report))
+    print()
+    for line in report["figures"]:
+        print(line)
+    print(f"\ngpu_check: {report['seconds']:.0f} s; wrote {out}/gpu_check.md, gpu_check.json")
+    failed = any("error" in p or p.get("ok") is False for p in parts.values())
+    return 1 if failed else 0
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "absent"
+
+
+def main(argv=None) -> int:
+    return common.run_main(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
