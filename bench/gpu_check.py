@@ -52,11 +52,11 @@ def build_parser() -> common.Parser:
                    help="config overrides for every part (e.g. width=32 depth=1 heads=2 for a "
                         "quick trial)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed training steps per variant [200 on CUDA, 3 on CPU]")
+                   help="timed training steps per variant [200 on CUDA, 2 on CPU]")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="Table 1 sweep [64 128 256 512 1024 on CUDA, 64 on CPU]")
     p.add_argument("--epoch-steps", type=int, default=None,
-                   help="steps of the 'one epoch' run [a whole epoch on CUDA, 5 on CPU]")
+                   help="steps of the 'one epoch' run [a whole epoch on CUDA, 2 on CPU]")
     p.add_argument("--out", default="", help="output folder (default: see above)")
     return p
 
@@ -124,11 +124,12 @@ def time_steps(cfg, data, device, steps: int) -> dict:
     trainer = speedrun.Trainer(cfg, data, device)
     keep = cfg.token_keep
     trainer.prepare({keep})  # compiles; on CUDA records the step as a CUDA graph
-    for s in range(3):  # autotuning, allocator growth
+    untimed = 3 if device.type == "cuda" else 1  # autotuning, allocator growth
+    for s in range(untimed):
         trainer.step(s, token_keep=keep)
     common.sync(device)
     start = time.perf_counter()
-    for s in range(3, 3 + steps):
+    for s in range(untimed, untimed + steps):
         trainer.step(s, token_keep=keep)
     common.sync(device)
     wall_ms = 1000 * (time.perf_counter() - start) / steps
@@ -283,7 +284,7 @@ def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = speedrun.pick_device(args.device)
     cuda = device.type == "cuda"
-    steps = args.steps or (200 if cuda else 3)
+    steps = args.steps or (200 if cuda else 2)
     batch_sizes = args.batch_sizes or ([64, 128, 256, 512, 1024] if cuda else [64])
     if min([steps] + batch_sizes + [args.epoch_steps or 1]) < 1:
         raise UsageError("--steps, --batch-sizes and --epoch-steps must be positive")
@@ -328,7 +329,7 @@ def run(argv=None) -> int:
                                "rows": table1(dataclasses.replace(baseline, compile="off"),
                                               batch_sizes, device, timing)})
     epoch_steps = args.epoch_steps or (round(50_000 * mcls.passes_per_epoch / mcls.batch_size)
-                                       if cuda else 5)
+                                       if cuda else 2)
     attempt("epoch", lambda: one_epoch(dataclasses.replace(mcls, data=data_path), epoch_steps,
                                        os.path.join(out, "epoch-run")))
     report = {"device": str(device), "device_name": name, "torch": torch.__version__,
