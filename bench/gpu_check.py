@@ -175,7 +175,7 @@ def one_epoch(cfg, steps: int, out: str) -> dict:
     summary = speedrun.train(run_cfg, overwrite=True)
     recipe = speedrun.resolve_config(cfg.variant)  # its own batch size (the reduced form's is 64)
     total = speedrun.data_gpu.steps_for(recipe.epochs, recipe.batch_size, 50_000,
-                                        recipe.passes_per_epoch)
+                                        recipe.passes_per_epoch, recipe.drop_last)
     image_s = summary["train_s"] / (summary["steps"] * cfg.batch_size)
     eval_s = max(summary["timed_s"] - summary["train_s"], 0.0)  # the final evaluation (+ start-up)
     evaluations = math.ceil(recipe.epochs / recipe.eval_every)
@@ -328,7 +328,8 @@ def run(argv=None) -> int:
     attempt("table1", lambda: {"precision": "bf16" if cuda else "auto",
                                "rows": table1(dataclasses.replace(baseline, compile="off"),
                                               batch_sizes, device, timing)})
-    epoch_steps = args.epoch_steps or (round(50_000 * mcls.passes_per_epoch / mcls.batch_size)
+    epoch_steps = args.epoch_steps or (speedrun.data_gpu.steps_for(1, mcls.batch_size, 50_000,
+                                                                   mcls.passes_per_epoch)
                                        if cuda else 2)
     attempt("epoch", lambda: one_epoch(dataclasses.replace(mcls, data=data_path), epoch_steps,
                                        os.path.join(out, "epoch-run")))
