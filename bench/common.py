@@ -45,11 +45,13 @@ class Parser(speedrun.Parser):
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that pick the configuration: the same meaning as speedrun.py's flags."""
-    parser.add_argument("--variant", default="baseline",
-                        help="speedrun preset(s), comma-separated, later ones win "
-                             f"(one of: {', '.join(speedrun.VARIANTS)}) [baseline]")
+def add_config_args(parser: argparse.ArgumentParser, variant: bool = True) -> None:
+    """Flags that pick the configuration: the same meaning as speedrun.py's flags.
+    variant=False: the script takes a list of variants its own way (no --variant)."""
+    if variant:
+        parser.add_argument("--variant", default="baseline",
+                            help="speedrun preset(s), comma-separated, later ones win "
+                                 f"(one of: {', '.join(speedrun.VARIANTS)}) [baseline]")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override any speedrun Config field on top of the preset, e.g. "
                              "--set width=32 depth=1 heads=2 (names as in `python speedrun.py "
