@@ -122,6 +122,17 @@ def parse_overrides(items, reserved: dict = None) -> dict:
     return overrides
 
 
+def variant_list(text: str, flag: str = "--variants") -> list:
+    """'baseline,mcls+mla-q' -> ['baseline', 'mcls+mla-q']: comma-separated rows, each of presets
+    joined with '+' (speedrun composes them); empty or repeated rows are a UsageError."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"{flag} is empty")
+    if len(set(names)) != len(names):
+        raise UsageError(f"{flag} lists a variant twice: {text}")
+    return names
+
+
 def config_from_args(args, reserved: dict = None, **fixed) -> speedrun.Config:
     """The trainer's Config for these flags: preset, then --set, then the device flags.
     Also applies --threads (run_main restores the thread count afterwards)."""

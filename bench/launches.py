@@ -372,15 +372,8 @@ def markdown(report) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def plan(args) -> list:
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    if not names:
-        raise UsageError("--variants is empty")
-    if len(set(names)) != len(names):
-        raise UsageError(f"--variants lists a variant twice: {args.variants}")
-    configs = []
-    for name in names:
-        configs.append((name, config_for(args, name.replace("+", ","))))
-    return configs
+    """[(row name, eager Config)] for every requested variant; bad input raises UsageError."""
+    return [(name, config_for(args, name.replace("+", ","))) for name in common.variant_list(args.variants)]
 
 
 def config_for(args, variant: str):
