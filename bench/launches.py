@@ -23,13 +23,15 @@ Prediction per GPU (H100 SXM and RTX 3090; bandwidth and bf16 peak from bench/ro
   arithmetic  max(FLOPs / (peak x --efficiency), bytes / (bandwidth x --efficiency)): FLOPs from
               speedrun.count_flops_per_image x batch (every token: an upper bound for a
               token-dropping preset such as cpu-speedrun); bytes: each tensor that a launching op
-              of the eager step reads or writes, once (roofline.py's rule), summed over the step.
-              Fusion only removes traffic, so for the compiled and captured steps it is an upper
-              bound;
-  eager       launches x --launch-us (custom ops x --custom-op-us) + arithmetic: the host issues
-              every kernel, and small kernels finish before the next is issued;
-  compiled    the same with the compiled step's launches;
-  captured    one CUDA-graph launch (--launch-us) + arithmetic: nothing else is issued per step;
+              of the eager step reads or writes, once (roofline.py's rule), summed over the step;
+              fused bytes (compiled and captured steps): Inductor's own count for the compiled
+              graphs plus the eager step's bytes outside the model's forward and backward ranges
+              (an upper bound where a whole-step graph fuses the augmentation too);
+  eager       launches x --launch-us (custom ops x --custom-op-us) + arithmetic (eager bytes):
+              the host issues every kernel, and small kernels finish before the next is issued;
+  compiled    the same with the compiled step's launches and fused bytes;
+  captured    one CUDA-graph launch (--launch-us) + arithmetic (fused bytes): nothing else is
+              issued per step;
   recipe      step time x the variant's full-recipe steps (50,000 images, its epochs and passes
               per epoch, at this batch).
 The per-launch cost is a stated assumption: about 2-4 us for cudaLaunchKernel itself
@@ -51,12 +53,17 @@ into --out (default bench/results/launches-<variants>-cpu/) and prints the table
 """
 import argparse
 import collections
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 import sys
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
+import torch._inductor.metrics
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -209,7 +216,7 @@ class OpCounter(TorchDispatchMode):
                 "launches": sum(self.launches.values()) / steps,
                 "custom_op_launches": sum(self.custom.values()) / steps,
                 "launches_by_phase": per(self.launches),
-                "bytes": sum(self.bytes.values()) / steps,
+                "bytes": sum(self.bytes.values()) / steps, "bytes_by_phase": per(self.bytes),
                 "host_syncs": self.syncs / steps,
                 "top_launching_ops": {n: c / steps for n, c in self.launching.most_common(top)}}
 
@@ -222,6 +229,28 @@ def count_eager(trainer, steps: int) -> dict:
     return counter.summary(steps)
 
 
+@contextlib.contextmanager
+def inductor_byte_count():
+    """Inductor adds up the bytes each compiled graph's kernels read and write (its scheduler's
+    count, extern kernels included) only while its metrics log is on, and only when it compiles:
+    the log goes nowhere, the caches are off."""
+    log = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")
+    saved = log.level, log.propagate
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    sink = logging.NullHandler()
+    log.addHandler(sink)
+    torch._inductor.metrics.reset()
+    try:
+        with torch._inductor.config.patch({"fx_graph_cache": False}), \
+                torch._functorch.config.patch({"enable_autograd_cache": False}):
+            yield
+    finally:
+        log.removeHandler(sink)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+
+
 def count_compiled(make_trainer, steps: int) -> dict:
     """Dynamo and Inductor counts of a freshly compiled trainer, and the run-time launches."""
     import torch._dynamo
@@ -231,9 +260,11 @@ def count_compiled(make_trainer, steps: int) -> dict:
     # per-kernel profiler events: what runs per step, not what codegen built (its counter also
     # counts the scalar twin of every vectorised C++ kernel)
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
-        trainer = make_trainer()
-        trainer.step(0, trainer.cfg.lr)
+        with inductor_byte_count():
+            trainer = make_trainer()
+            trainer.step(0, trainer.cfg.lr)
         graphs = counters["stats"]["unique_graphs"]
+        graph_bytes = torch._inductor.metrics.num_bytes_accessed
         with OpCounter() as counter, torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for s in range(1, steps + 1):
@@ -251,6 +282,7 @@ def count_compiled(make_trainer, steps: int) -> dict:
         dynamo_graphs=graphs, graph_breaks=sum(counters["graph_break"].values()),
         recompiled_while_counting=counters["stats"]["unique_graphs"] > graphs,
         graph_calls=graph_calls / steps, inductor_kernels=sum(inductor.values()) / steps,
+        graph_bytes=graph_bytes,
         inductor_kernels_by_phase={k: v / steps for k, v in inductor.items()})
     result["launches"] += result["inductor_kernels"]
     for phase, n in result["inductor_kernels_by_phase"].items():
@@ -286,16 +318,27 @@ def host_s(launches: float, custom_launches: float, costs: Costs) -> float:
     return (launches - custom_launches) * costs.launch_s + custom_launches * costs.custom_op_s
 
 
+def fused_bytes(eager: dict, compiled) -> float:
+    """A compiled step's traffic: Inductor's count for the compiled graphs (each runs once a
+    step) plus the eager step's outside the model's forward and backward ranges; the eager
+    step's own without compiled counts. An upper bound where a whole-step graph fuses more."""
+    if compiled is None:
+        return eager["bytes"]
+    outside = sum(b for p, b in eager["bytes_by_phase"].items() if p not in ("forward", "backward"))
+    return compiled["graph_bytes"] + outside
+
+
 def predict_step_s(eager: dict, compiled, flops: float, peak: float, bandwidth: float,
                    costs: Costs) -> dict:
-    """Seconds per training step: eager, compiled (None without its counts), captured, and the
-    arithmetic alone."""
-    arith = arithmetic_s(flops, eager["bytes"], peak, bandwidth, costs.efficiency)
-    return {"arithmetic": arith,
-            "eager": host_s(eager["launches"], eager["custom_op_launches"], costs) + arith,
+    """Seconds per training step: eager, compiled (None without its counts), captured, and
+    their arithmetic alone (eager: unfused traffic; compiled and captured: fused)."""
+    unfused = arithmetic_s(flops, eager["bytes"], peak, bandwidth, costs.efficiency)
+    fused = arithmetic_s(flops, fused_bytes(eager, compiled), peak, bandwidth, costs.efficiency)
+    return {"arithmetic_eager": unfused, "arithmetic_fused": fused,
+            "eager": host_s(eager["launches"], eager["custom_op_launches"], costs) + unfused,
             "compiled": None if compiled is None else
-            host_s(compiled["launches"], compiled["custom_op_launches"], costs) + arith,
-            "captured": costs.launch_s + arith}
+            host_s(compiled["launches"], compiled["custom_op_launches"], costs) + fused,
+            "captured": costs.launch_s + fused}
 
 
 def recipe_steps(cfg) -> int:
@@ -334,7 +377,7 @@ def markdown(report) -> str:
              f"{report['kernels']}); mean of {report['steps']} steps after one warm-up step.", "",
              "| variant | dispatched ops | eager launches | data / fwd / bwd / opt | custom ops | "
              "graphs (breaks) | graph calls | Inductor kernels | compiled launches | "
-             "GFLOP/step | eager GB/step |", "|---|" + "---:|" * 10]
+             "GFLOP/step | GB/step eager / fused |", "|---|" + "---:|" * 10]
     for row in report["variants"]:
         e, c = row["eager"], row.get("compiled")
         split = " / ".join(_n(e["launches_by_phase"].get(p, 0)) for p in PHASES)
@@ -343,16 +386,18 @@ def markdown(report) -> str:
                      _n(c["inductor_kernels"]), _n(c["launches"])])
         lines.append(f"| {row['variant']} | {_n(e['dispatched'])} | {_n(e['launches'])} | {split} | "
                      f"{_n(e['custom_op_launches'])} | " + " | ".join(compiled) +
-                     f" | {row['flops_per_step'] / 1e9:,.1f} | {e['bytes'] / 1e9:,.2f} |")
+                     f" | {row['flops_per_step'] / 1e9:,.1f} | {e['bytes'] / 1e9:,.2f} / "
+                     f"{fused_bytes(e, c) / 1e9:,.2f} |")
     lines += ["", f"Predicted step time (ms) and full-recipe time (s): launch {costs['launch_us']:g} µs, "
               f"custom op {costs['custom_op_us']:g} µs, {costs['efficiency']:.0%} of peak FLOP/s "
               f"({report['precision']}) and bandwidth.", "",
-              "| variant | GPU | arithmetic ms | eager ms | compiled ms | captured ms | recipe steps "
+              "| variant | GPU | arithmetic ms eager / fused | eager ms | compiled ms | captured ms | recipe steps "
               "| eager s | compiled s | captured s | paper s |", "|---|---|" + "---:|" * 9]
     for row in report["variants"]:
         for gpu, p in row["predicted"].items():
             paper = row["paper_runtime_s"] if gpu == common.PAPER_DEVICE else None
-            lines.append(f"| {row['variant']} | {gpu} | {_ms(p['step_s']['arithmetic'])} | "
+            lines.append(f"| {row['variant']} | {gpu} | {_ms(p['step_s']['arithmetic_eager'])} / "
+                         f"{_ms(p['step_s']['arithmetic_fused'])} | "
                          f"{_ms(p['step_s']['eager'])} | {_ms(p['step_s']['compiled'])} | "
                          f"{_ms(p['step_s']['captured'])} | {row['recipe_steps']:,} | "
                          f"{_s(p['recipe_s']['eager'])} | {_s(p['recipe_s']['compiled'])} | "
@@ -440,8 +485,8 @@ def run(argv=None) -> int:
             peak = gpu.bf16_flops if args.precision == "bf16" else gpu.fp32_flops
             step_s = predict_step_s(eager, compiled, flops, peak, gpu.bandwidth, costs)
             predicted[gpu_name] = {"step_s": step_s,
-                                   "recipe_s": {k: None if v is None else v * steps
-                                                for k, v in step_s.items()}}
+                                   "recipe_s": {k: None if step_s[k] is None else step_s[k] * steps
+                                                for k in ("eager", "compiled", "captured")}}
         report["variants"].append({
             "variant": name, "config": dataclasses.asdict(cfg), "eager": eager, "compiled": compiled,
             "flops_per_step": flops, "recipe_steps": steps, "predicted": predicted,
