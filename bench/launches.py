@@ -25,8 +25,8 @@ Prediction per GPU (H100 SXM and RTX 3090; bandwidth and bf16 peak from bench/ro
               token-dropping preset such as cpu-speedrun); bytes: each tensor that a launching op
               of the eager step reads or writes, once (roofline.py's rule), summed over the step;
               fused bytes (compiled and captured steps): Inductor's own count for the compiled
-              graphs plus the eager step's bytes outside the model's forward and backward ranges
-              (an upper bound where a whole-step graph fuses the augmentation too);
+              graphs plus the bytes of the compiled step's dispatched ops outside the forward and
+              backward ranges (an upper bound where a whole-step graph fuses the augmentation);
   eager       launches x --launch-us (custom ops x --custom-op-us) + arithmetic (eager bytes):
               the host issues every kernel, and small kernels finish before the next is issued;
   compiled    the same with the compiled step's launches and fused bytes;
@@ -319,12 +319,12 @@ def host_s(launches: float, custom_launches: float, costs: Costs) -> float:
 
 
 def fused_bytes(eager: dict, compiled) -> float:
-    """A compiled step's traffic: Inductor's count for the compiled graphs (each runs once a
-    step) plus the eager step's outside the model's forward and backward ranges; the eager
-    step's own without compiled counts. An upper bound where a whole-step graph fuses more."""
+    """A compiled step's traffic: Inductor's count for its graphs (each runs once a step) plus
+    the dispatched ops of the compiled step outside the forward and backward ranges (what still
+    runs eagerly there: augmentation, optimizer); without compiled counts, the eager step's."""
     if compiled is None:
         return eager["bytes"]
-    outside = sum(b for p, b in eager["bytes_by_phase"].items() if p not in ("forward", "backward"))
+    outside = sum(b for p, b in compiled["bytes_by_phase"].items() if p not in ("forward", "backward"))
     return compiled["graph_bytes"] + outside
 
 
