@@ -222,10 +222,10 @@ class OpCounter(TorchDispatchMode):
 
 
 def count_eager(trainer, steps: int) -> dict:
-    trainer.step(0, trainer.cfg.lr)  # the first pass's permutation and lazy state, not counted
+    trainer.step(0)  # lazy state (optimizer moments, constants), not counted
     with OpCounter() as counter:
         for s in range(1, steps + 1):
-            trainer.step(s, trainer.cfg.lr)
+            trainer.step(s)
     return counter.summary(steps)
 
 
@@ -262,13 +262,13 @@ def count_compiled(make_trainer, steps: int) -> dict:
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
         with inductor_byte_count():
             trainer = make_trainer()
-            trainer.step(0, trainer.cfg.lr)
+            trainer.step(0)
         graphs = counters["stats"]["unique_graphs"]
         graph_bytes = torch._inductor.metrics.num_bytes_accessed
         with OpCounter() as counter, torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for s in range(1, steps + 1):
-                trainer.step(s, trainer.cfg.lr)
+                trainer.step(s)
     graph_calls, inductor = 0, collections.Counter()
     for event in prof.events():
         parent = event.cpu_parent
@@ -320,8 +320,9 @@ def host_s(launches: float, custom_launches: float, costs: Costs) -> float:
 
 def fused_bytes(eager: dict, compiled) -> float:
     """A compiled step's traffic: Inductor's count for its graphs (each runs once a step) plus
-    the dispatched ops of the compiled step outside the forward and backward ranges (what still
-    runs eagerly there: augmentation, optimizer); without compiled counts, the eager step's."""
+    the dispatched ops of the compiled step outside the forward and backward ranges (what runs
+    eagerly there, such as the optimizer; extern calls of a graph run outside those ranges are
+    counted twice, a small excess); without compiled counts, the eager step's."""
     if compiled is None:
         return eager["bytes"]
     outside = sum(b for p, b in compiled["bytes_by_phase"].items() if p not in ("forward", "backward"))
@@ -375,12 +376,12 @@ def markdown(report) -> str:
     lines = [f"Launches per training step at batch {report['batch_size']}, counted on "
              f"{report['cpu']} (torch {report['torch']}; {report['precision']}, kernels "
              f"{report['kernels']}); mean of {report['steps']} steps after one warm-up step.", "",
-             "| variant | dispatched ops | eager launches | data / fwd / bwd / opt | custom ops | "
+             "| variant | dispatched ops | eager launches | data / fwd / bwd / opt / other | custom ops | "
              "graphs (breaks) | graph calls | Inductor kernels | compiled launches | "
              "GFLOP/step | GB/step eager / fused |", "|---|" + "---:|" * 10]
     for row in report["variants"]:
         e, c = row["eager"], row.get("compiled")
-        split = " / ".join(_n(e["launches_by_phase"].get(p, 0)) for p in PHASES)
+        split = " / ".join(_n(e["launches_by_phase"].get(p, 0)) for p in PHASES + ("other",))
         compiled = (["—"] * 4 if c is None else
                     [f"{c['dynamo_graphs']} ({c['graph_breaks']})", _n(c["graph_calls"]),
                      _n(c["inductor_kernels"]), _n(c["launches"])])

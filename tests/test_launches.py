@@ -83,16 +83,16 @@ def test_launches_end_to_end(tmp_path, capsys):
     report = json.load(open(out / "launches.json"))
     (row,) = report["variants"]
     eager, compiled = row["eager"], row["compiled"]
-    for counts in (eager, compiled):
-        assert 0 < counts["launches"] <= counts["dispatched"]
-        assert counts["bytes"] > 0
+    assert 0 < eager["launches"] <= eager["dispatched"] and eager["bytes"] > 0
+    # compiled launches: the dispatched ops that launch (extern calls, eager ops) + Inductor's
+    assert 0 < compiled["launches"] - compiled["inductor_kernels"] <= compiled["dispatched"]
     assert eager["custom_op_launches"] > 0  # the kernels' custom ops, as on CUDA
     assert set(eager["launches_by_phase"]) <= set(L.PHASES) | {"other"}
     assert all(eager["launches_by_phase"][p] > 0 for p in L.PHASES)
     assert compiled["dynamo_graphs"] >= 1 and compiled["graph_calls"] >= 1
     assert compiled["inductor_kernels"] >= 1 and not compiled["recompiled_while_counting"]
     assert compiled["launches"] < eager["launches"]  # the model's ops became fewer, fused kernels
-    assert 0 < compiled["graph_bytes"] and L.fused_bytes(eager, compiled) < eager["bytes"]
+    assert compiled["graph_bytes"] > 0  # Inductor counts a gather's whole source: no bound vs eager
     assert row["flops_per_step"] > 0 and row["recipe_steps"] > 0
     for gpu in ("H100", "RTX 3090"):
         step = row["predicted"][gpu]["step_s"]
