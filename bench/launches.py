@@ -26,7 +26,8 @@ Prediction per GPU (H100 SXM and RTX 3090; bandwidth and bf16 peak from bench/ro
               of the eager step reads or writes, once (roofline.py's rule), summed over the step;
               fused bytes (compiled and captured steps): Inductor's own count for the compiled
               graphs plus the bytes of the compiled step's dispatched ops outside the forward and
-              backward ranges (an upper bound where a whole-step graph fuses the augmentation);
+              backward ranges (Inductor counts a gather's whole source, the data set included:
+              a little more than a GPU moves);
   eager       launches x --launch-us (custom ops x --custom-op-us) + arithmetic (eager bytes):
               the host issues every kernel, and small kernels finish before the next is issued;
   compiled    the same with the compiled step's launches and fused bytes;
