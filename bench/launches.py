@@ -25,8 +25,8 @@ Prediction per GPU (H100 SXM and RTX 3090; bandwidth and bf16 peak from bench/ro
               token-dropping preset such as cpu-speedrun); bytes: each tensor that a launching op
               of the eager step reads or writes, once (roofline.py's rule), summed over the step;
               fused bytes (compiled and captured steps): Inductor's own count for the compiled
-              graphs plus the bytes of the compiled step's dispatched ops outside the forward and
-              backward ranges (Inductor counts a gather's whole source, the data set included:
+              graphs plus the bytes of the compiled step's dispatched ops in the ranges where no
+              graph runs (Inductor counts a gather's whole source, the data set included:
               a little more than a GPU moves);
   eager       launches x --launch-us (custom ops x --custom-op-us) + arithmetic (eager bytes):
               the host issues every kernel, and small kernels finish before the next is issued;
@@ -320,13 +320,13 @@ def host_s(launches: float, custom_launches: float, costs: Costs) -> float:
 
 
 def fused_bytes(eager: dict, compiled) -> float:
-    """A compiled step's traffic: Inductor's count for its graphs (each runs once a step) plus
-    the dispatched ops of the compiled step outside the forward and backward ranges (what runs
-    eagerly there, such as the optimizer; extern calls of a graph run outside those ranges are
-    counted twice, a small excess); without compiled counts, the eager step's."""
+    """A compiled step's traffic: Inductor's count for its graphs (each runs once a step, extern
+    calls included) plus the ops dispatched in the ranges where no graph runs (what stays eager
+    there, such as the optimizer); without compiled counts, the eager step's."""
     if compiled is None:
         return eager["bytes"]
-    outside = sum(b for p, b in compiled["bytes_by_phase"].items() if p not in ("forward", "backward"))
+    in_graphs = compiled["inductor_kernels_by_phase"]
+    outside = sum(b for p, b in compiled["bytes_by_phase"].items() if not in_graphs.get(p))
     return compiled["graph_bytes"] + outside
 
 

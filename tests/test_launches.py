@@ -41,7 +41,9 @@ def test_counter_counts_a_gather_by_what_it_picks():
 def test_prediction_arithmetic_on_hand_made_counts():
     costs = L.Costs(launch_s=5e-6, custom_op_s=20e-6, efficiency=0.5)
     eager = {"launches": 1000, "custom_op_launches": 10, "bytes": 2e9}
+    # graphs run in forward and backward: the ops dispatched there are their extern calls
     compiled = {"launches": 300, "custom_op_launches": 10, "graph_bytes": 0.6e9,
+                "inductor_kernels_by_phase": {"forward": 20, "backward": 40},
                 "bytes_by_phase": {"data": 0.3e9, "forward": 0.05e9, "backward": 0.02e9,
                                    "optimizer": 0.1e9}}
     assert L.fused_bytes(eager, compiled) == pytest.approx(1e9)  # graphs + data + optimizer
