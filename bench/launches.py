@@ -344,7 +344,8 @@ def predict_step_s(eager: dict, compiled, flops: float, peak: float, bandwidth: 
 
 
 def recipe_steps(cfg) -> int:
-    return data_gpu.steps_for(cfg.epochs, cfg.batch_size, CIFAR_TRAIN, cfg.passes_per_epoch)
+    return data_gpu.steps_for(cfg.epochs, cfg.batch_size, CIFAR_TRAIN, cfg.passes_per_epoch,
+                              cfg.drop_last)
 
 
 def predict_paper_forward(paper: dict, batch_size: int, costs: Costs) -> dict:

@@ -76,7 +76,8 @@ def test_paper_check_prediction_against_table1():
 
 def test_recipe_steps_follow_the_paper_recipe():
     import speedrun as S
-    assert L.recipe_steps(S.resolve_config("mcls")) == 58593  # 100 epochs x 150,000 / 256
+    assert L.recipe_steps(S.resolve_config("mcls")) == 58500  # 100 epochs of 585 steps of 256
+    assert L.recipe_steps(S.resolve_config("mcls", drop_last=False)) == 58593
 
 
 def test_launches_end_to_end(tmp_path, capsys):
