@@ -94,11 +94,7 @@ def build_parser() -> common.Parser:
 
 def plan(args) -> list:
     """[(row name, Config)] for every requested variant; bad input raises UsageError."""
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    if not names:
-        raise UsageError("--variants is empty")
-    if len(set(names)) != len(names):
-        raise UsageError(f"--variants lists a variant twice: {args.variants}")
+    names = common.variant_list(args.variants)
     overrides = {"seed": args.seed, "data": args.data, "device": args.device}
     for flag in ("epochs", "max_steps", "time_budget", "batch_size"):
         if getattr(args, flag) is not None:

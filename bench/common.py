@@ -45,11 +45,13 @@ class Parser(speedrun.Parser):
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that pick the configuration: the same meaning as speedrun.py's flags."""
-    parser.add_argument("--variant", default="baseline",
-                        help="speedrun preset(s), comma-separated, later ones win "
-                             f"(one of: {', '.join(speedrun.VARIANTS)}) [baseline]")
+def add_config_args(parser: argparse.ArgumentParser, variant: bool = True) -> None:
+    """Flags that pick the configuration: the same meaning as speedrun.py's flags.
+    variant=False: the script takes a list of variants its own way (no --variant)."""
+    if variant:
+        parser.add_argument("--variant", default="baseline",
+                            help="speedrun preset(s), comma-separated, later ones win "
+                                 f"(one of: {', '.join(speedrun.VARIANTS)}) [baseline]")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override any speedrun Config field on top of the preset, e.g. "
                              "--set width=32 depth=1 heads=2 (names as in `python speedrun.py "
@@ -118,6 +120,17 @@ def parse_overrides(items, reserved: dict = None) -> dict:
                              + (f"; did you mean {close[0]}?" if close else ""))
         overrides[key] = _parse_value(key, text)
     return overrides
+
+
+def variant_list(text: str, flag: str = "--variants") -> list:
+    """'baseline,mcls+mla-q' -> ['baseline', 'mcls+mla-q']: comma-separated rows, each of presets
+    joined with '+' (speedrun composes them); empty or repeated rows are a UsageError."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"{flag} is empty")
+    if len(set(names)) != len(names):
+        raise UsageError(f"{flag} lists a variant twice: {text}")
+    return names
 
 
 def config_from_args(args, reserved: dict = None, **fixed) -> speedrun.Config:
