@@ -1364,6 +1364,16 @@ class RunFolder:
         if self.metrics:
             self.metrics.close()
 
+    @contextlib.contextmanager
+    def writing(self):
+        """open(); a failure before the run's first checkpoint takes back what it wrote."""
+        self.open()
+        try:
+            yield self
+        except BaseException:
+            self.abandon()
+            raise
+
     def abandon(self) -> None:
         """A failure before the run's first checkpoint: take back what open() wrote."""
         if self.committed or not self.main:
@@ -1598,21 +1608,6 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     warm_start = clock()
     trainer.prepare({keep_at(0.0, cfg), keep_at(1.0, cfg)}, cfg.nan_policy == "skip")
     warmup_s = clock() - warm_start if trainer.compiled else 0.0
-    run.open()
-    try:
-        evals = Evaluations(cfg, trainer.steps_per_epoch, resume_state)
-        return run_loop(trainer, run, step, prior_elapsed, skipped, evals, clock, start_time, log,
-                        warmup_s)
-    except BaseException:
-        run.abandon()  # before the first checkpoint: as if the run had never started
-        raise
-
-
-def run_loop(trainer: "Trainer", run: RunFolder, step: int, prior_elapsed: float, skipped: int,
-             evals: "Evaluations", clock, start_time: float, log, warmup_s: float = 0.0) -> dict:
-    """The training loop from `step`, then the final evaluation; returns the summary dict.
-    warmup_s: the compile and warm-up before it, which the time budget leaves out."""
-    cfg, dist, device = trainer.cfg, trainer.dist, trainer.device
     total, ckpt_steps = trainer.total_steps, max(1, round(trainer.steps_per_epoch))
     log(f"{cfg.variant}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
         f"{total:,} steps of {cfg.batch_size} on {device} ({'bf16' if trainer.amp_dtype else 'fp32'}"
@@ -1620,9 +1615,10 @@ def run_loop(trainer: "Trainer", run: RunFolder, step: int, prior_elapsed: float
     if device.type == "cpu" and (note := cpu_recipe_note(cfg, total)):
         log(note)
     budget = Budget(cfg, total, step, start_time, clock, trainer.time_eval, dist.world_size, warmup_s)
-    meter = Meter(trainer, run, budget, skipped, prior_elapsed, evals)
+    meter = Meter(trainer, run, budget, skipped, prior_elapsed,
+                  Evaluations(cfg, trainer.steps_per_epoch, resume_state))
     stopped_by = None
-    with StopRequest() as stop:
+    with run.writing(), StopRequest() as stop:
         while step < total:
             progress = budget.progress(step)
             keep = keep_at(progress, cfg)
