@@ -5,6 +5,7 @@ The data set lives on the training device as uint8 and is augmented there (data_
 kernels sit behind one dispatch point (kernels/). `python speedrun.py --help` lists every flag.
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -81,6 +82,9 @@ class Config:
                            "(PatchDropout: cheaper steps); evaluation sees them all")
     full_token_tail: float = _f(0.0, "the last share of the run trains on every patch token "
                                 "(--token-keep before it), so the model ends on what evaluation sees")
+    full_token_ramp: float = _f(0.0, "the share of the run before --full-token-tail over which the "
+                                "token share rises from --token-keep to all tokens, an eighth of the "
+                                "tokens at a time (a graph each when compiled)")
     pool: str = _f("cls", "what the head reads: CLS tokens, or the mean of patch tokens",
                    choices=("cls", "gap"))
     # data and augmentation (data_gpu.py)
@@ -102,7 +106,8 @@ class Config:
                          "loader (585 steps of 256 an epoch, 58,500 in 100); off: one endless "
                          "stream (58,593)")
     # optimisation
-    optimizer: str = _f("adamw", "optimizer", choices=("adamw", "lion"))
+    optimizer: str = _f("adamw", "optimizer (muon: Muon for the blocks' weight matrices, AdamW for "
+                        "the rest, at AdamW's lr and weight decay)", choices=("adamw", "lion", "muon"))
     lr: float = _f(2e-3, "peak learning rate (the paper's text: 2e-3)")
     weight_decay: float = _f(0.05, "decoupled weight decay (on --decay-params)")
     decay_params: str = _f("all", "what weight decay acts on: all parameters (the paper's code), "
@@ -254,8 +259,8 @@ RANGES = {"width": "[1, inf)", "depth": "[1, inf)", "heads": "[1, inf)", "mlp_ra
           "patch_size": "[2, 32]", "num_cls": "[0, inf)", "drop_path": "[0, 1)",
           "latent_dim": "[1, inf)", "cls_only_blocks": "[0, --depth]",
           "depth_token_only": "[0, inf)", "repeat_aug": "[1, inf)", "token_keep": "(0, 1]",
-          "full_token_tail": "[0, 1]", "crop_pad": "[0, 16]", "erase_prob": "[0, 1]",
-          "mix_prob": "[0, 1]", "passes_per_epoch": "[1, inf)", "lr": "[0, inf)",
+          "full_token_tail": "[0, 1]", "full_token_ramp": "[0, 1]", "crop_pad": "[0, 16]",
+          "erase_prob": "[0, 1]", "mix_prob": "[0, 1]", "passes_per_epoch": "[1, inf)", "lr": "[0, inf)",
           "weight_decay": "[0, inf)", "batch_size": "[1, inf)", "epochs": "(0, inf)",
           "warmup_epochs": "[0, inf)", "min_lr": "[0, --lr]", "label_smoothing": "[0, 1)",
           "max_steps": "[0, inf)", "time_budget": "[0, inf)",
@@ -301,6 +306,8 @@ def config_checks(cfg: Config, world_size: int = 1):
     yield (cfg.cls_only_blocks + cfg.depth_token_only == 0 or cfg.num_cls >= 1,
            "class-attention blocks need a CLS token")
     yield cfg.pos_emb != "sin" or cfg.width % 4 == 0, "sin position embedding needs width % 4 == 0"
+    yield (cfg.full_token_ramp + cfg.full_token_tail <= 1,
+           "--full-token-ramp and --full-token-tail add up to more than the run")
     yield not cfg.whiten or cfg.patch_embed == "conv", "--whiten sets conv patch filters: it " \
                                                         "needs --patch-embed conv"
 
@@ -599,6 +606,77 @@ class Lion(torch.optim.Optimizer):
             torch._foreach_lerp_(momenta, grads, 1 - beta2)
 
 
+def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to each of the (n, r, c) stack G, approximately: a
+    quintic Newton-Schulz iteration whose coefficients (Jordan et al. 2024) push every singular
+    value into about [0.7, 1.2] in five steps; bf16 where matmuls are fast in it."""
+    X = G.transpose(-2, -1) if G.shape[-2] > G.shape[-1] else G  # the short side first: cheaper
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        A = X @ X.transpose(-2, -1)
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.transpose(-2, -1) if G.shape[-2] > G.shape[-1] else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) for the tensors in `orthogonalised` (the blocks' weight
+    matrices): Nesterov momentum, then the update orthogonalised (newton_schulz) and scaled to
+    AdamW's update RMS, 0.2 * sqrt(max(rows, cols)) (Liu et al. 2025), so that AdamW's lr and
+    weight decay carry over. Every other tensor (patch embedding, head, norms, biases, tokens)
+    takes AdamW. Foreach, and lr may be a device tensor, as in Lion."""
+
+    def __init__(self, params, lr, orthogonalised, momentum=0.95, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, ns_dtype=torch.float32):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay})
+        self.orthogonalised, self.ns_dtype = {id(p) for p in orthogonalised}, ns_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            for muon, part in ((True, [p for p in params if id(p) in self.orthogonalised]),
+                               (False, [p for p in params if id(p) not in self.orthogonalised])):
+                if part:
+                    (self._muon if muon else self._adamw)(part, group)
+
+    def _muon(self, params, group):
+        grads = [p.grad for p in params]
+        momenta = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
+        updates = torch._foreach_lerp(grads, momenta, group["momentum"])  # Nesterov
+        by_shape = collections.defaultdict(list)  # one batched iteration per shape
+        for p, u in zip(params, updates):
+            by_shape[p.shape].append((p, u))
+        for shape, pairs in by_shape.items():
+            ortho = newton_schulz(torch.stack([u for _, u in pairs]).to(self.ns_dtype))
+            ortho = ortho.float() * (group["lr"] * 0.2 * max(shape) ** 0.5)
+            torch._foreach_sub_([p for p, _ in pairs], list(ortho.unbind()))
+
+    def _adamw(self, params, group):
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        state = [self.state[p] for p in params]
+        for s, p in zip(state, params):
+            if not s:
+                s.update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p),
+                         exp_avg_sq=torch.zeros_like(p))
+        grads = [p.grad for p in params]
+        torch._foreach_add_([s["step"] for s in state], 1)
+        step = state[0]["step"]  # the tensors of a group step together
+        torch._foreach_lerp_([s["exp_avg"] for s in state], grads, 1 - beta1)
+        torch._foreach_mul_([s["exp_avg_sq"] for s in state], beta2)
+        torch._foreach_addcmul_([s["exp_avg_sq"] for s in state], grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt([s["exp_avg_sq"] for s in state])
+        torch._foreach_div_(denom, (1 - beta2 ** step).sqrt())
+        torch._foreach_add_(denom, eps)
+        updates = torch._foreach_div([s["exp_avg"] for s in state], denom)
+        torch._foreach_mul_(updates, group["lr"] / (1 - beta1 ** step))
+        torch._foreach_sub_(params, updates)
+
+
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device,
                    lr: Optional[torch.Tensor] = None):
     """lr: a device tensor the step writes, so the schedule needs no host (default: cfg.lr)."""
@@ -614,6 +692,11 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device,
               {"params": rest, "weight_decay": 0.0}]
     if cfg.optimizer == "lion":
         return Lion(groups, lr=lr)
+    if cfg.optimizer == "muon":
+        matrices = [p for n, p in named if p.dim() == 2 and n.startswith("blocks.")]
+        fast_bf16 = pick_precision(cfg.precision, device) == torch.bfloat16
+        return Muon(groups, lr=lr, orthogonalised=matrices,
+                    ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
     # fused: one kernel over all tensors, on CPU too (about 5x faster than foreach there);
     # capturable: its step count and lr stay on the GPU, as a CUDA graph needs
     return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cuda", "cpu"),
@@ -632,9 +715,20 @@ def lr_at(progress, cfg: Config):
 
 
 def keep_at(progress: float, cfg: Config) -> float:
-    """Share of patch tokens a training image keeps: --token-keep, then all of them over the
-    last --full-token-tail of the run."""
-    return 1.0 if progress >= 1 - cfg.full_token_tail else cfg.token_keep
+    """Share of patch tokens a training image keeps: --token-keep, rising over the
+    --full-token-ramp before the tail an eighth at a time, then all of them over the last
+    --full-token-tail of the run."""
+    tail = 1 - cfg.full_token_tail
+    if progress >= tail:
+        return 1.0
+    rise = (progress - tail + cfg.full_token_ramp) / cfg.full_token_ramp if cfg.full_token_ramp else 0
+    eighths = math.floor((cfg.token_keep + (1 - cfg.token_keep) * rise) * 8 + 1e-9)  # 1e-9: rounding
+    return max(cfg.token_keep, eighths / 8)
+
+
+def keep_levels(cfg: Config) -> list:
+    """Every token share keep_at gives over a run: the graphs to build before it."""
+    return sorted({keep_at(i / 1000, cfg) for i in range(1001)})
 
 
 def soft_cross_entropy(logits, targets, smoothing: float):
@@ -1043,9 +1137,7 @@ class Trainer:
             if self.compiled and n < batch_size:  # the compiled graph's one shape: pad, then drop
                 x = torch.cat([x, x.new_zeros(batch_size - n, *x.shape[1:])])
             with self.autocast():
-                logits = self.net(x)[:n].float()
-                if self.cfg.tta_flip:  # a mirrored CIFAR image is as likely as the image itself
-                    logits = (logits + self.net(x.flip(-1))[:n].float()) / 2
+                logits = self.tta_logits(x)[:n]
             totals += torch.stack([(logits.argmax(-1) == y).sum().double(),
                                    F.cross_entropy(logits, y, reduction="sum").double(),
                                    torch.tensor(float(y.numel()), device=self.device,
@@ -1054,6 +1146,12 @@ class Trainer:
             torch.distributed.all_reduce(totals)
         correct, loss, count = totals.tolist()
         return {"test_acc": 100.0 * correct / count, "test_loss": loss / count}
+
+    def tta_logits(self, x):
+        """Logits, averaged with the mirror image's under --tta-flip (a mirrored CIFAR image is
+        as likely as the image itself)."""
+        logits = self.net(x).float()
+        return (logits + self.net(x.flip(-1)).float()) / 2 if self.cfg.tta_flip else logits
 
     def time_eval(self, clock=time.monotonic) -> float:
         """Seconds an evaluation of the test set will take, from timing its first batch (of every
@@ -1606,7 +1704,7 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
         log(f"test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) at step {step}")
         return result
     warm_start = clock()
-    trainer.prepare({keep_at(0.0, cfg), keep_at(1.0, cfg)}, cfg.nan_policy == "skip")
+    trainer.prepare(keep_levels(cfg), cfg.nan_policy == "skip")
     warmup_s = clock() - warm_start if trainer.compiled else 0.0
     total, ckpt_steps = trainer.total_steps, max(1, round(trainer.steps_per_epoch))
     log(f"{cfg.variant}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "

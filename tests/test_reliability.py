@@ -537,6 +537,20 @@ def test_interrupted_run_resumes_to_identical_weights(interruption, archive, fin
     assert json.load(open(cut / "summary.json"))["steps"] == 12
 
 
+def test_muon_run_resumes_to_identical_weights(archive, tmp_path, monkeypatch):
+    """Muon's state (momenta, and AdamW's for the rest) goes through a weights-only checkpoint:
+    a run cut after step 6 and resumed ends as the run left alone."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert S.main(["--data", archive, "--out", str(whole), "--optimizer", "muon"] + TINY) == 0
+    after_step(monkeypatch, lambda trainer, s: s == 5 and os.kill(os.getpid(), signal.SIGINT))
+    assert S.main(["--data", archive, "--out", str(cut), "--optimizer", "muon"] + TINY) == 0
+    monkeypatch.undo()
+    assert load_ckpt(cut)["step"] == 6
+    assert S.main(["--resume", str(cut)]) == 0
+    assert_same_training(whole, cut)
+    assert "momentum_buffer" in str(load_ckpt(cut)["optimizer"]["state"])
+
+
 def test_best_of_the_scheduled_evaluations_is_reported_and_survives_a_resume(
         archive, tmp_path, monkeypatch, capsys):
     """As the paper's code: the best of the evaluations every --eval-every epochs (here half an

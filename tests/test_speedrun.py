@@ -389,7 +389,7 @@ def test_precision_follows_the_hardware(flags, device, want):
     assert S.pick_precision("fp32", torch.device(device), cpu_flags=flags) is None
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "muon"])
 def test_optimizers_decay_what_decay_params_says_and_adamw_is_fused_on_cpu(optimizer):
     cfg = S.resolve_config("baseline", width=32, depth=1, heads=2, optimizer=optimizer)
     model = S.build_model(cfg)
@@ -404,8 +404,12 @@ def test_optimizers_decay_what_decay_params_says_and_adamw_is_fused_on_cpu(optim
     assert decay["weight_decay"] == 0.05 and free["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and model.cls_token in free["params"]
     assert S.resolve_config("cpu-speedrun").decay_params == "matrices"
+    if optimizer == "muon":  # the blocks' matrices only: not the patch embedding, not the head
+        ortho = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+        assert opt.orthogonalised == ortho and id(model.head.weight) not in ortho
     if optimizer == "adamw":
         assert opt.defaults["fused"]  # one update kernel: ~5x faster than foreach on CPU
+    if optimizer != "lion":
         before = [p.detach().clone() for p in model.parameters()]
         model(torch.randn(2, 3, 32, 32)).square().sum().backward()
         opt.step()
@@ -502,6 +506,17 @@ def test_keep_schedule_ends_on_every_token():
     cfg = S.resolve_config("cpu-speedrun", token_keep=0.25, full_token_tail=0.2)
     assert [S.keep_at(p, cfg) for p in (0.0, 0.5, 0.79, 0.8, 1.0)] == [0.25, 0.25, 0.25, 1.0, 1.0]
     assert S.keep_at(0.99, S.resolve_config("cpu-speedrun", token_keep=0.25, full_token_tail=0)) == 0.25
+
+
+def test_keep_ramp_rises_an_eighth_at_a_time_before_the_tail():
+    cfg = S.resolve_config("cpu-speedrun", token_keep=0.25, full_token_tail=0.1, full_token_ramp=0.3)
+    shares = [S.keep_at(i / 100, cfg) for i in range(101)]
+    assert shares[:61] == [0.25] * 61 and shares[90:] == [1.0] * 11
+    assert shares == sorted(shares)  # never falls
+    assert S.keep_levels(cfg) == [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+    assert S.keep_at(0.75, cfg) == 0.625  # halfway up the ramp: 0.25 + 0.75 / 2 = 0.625
+    assert S.keep_levels(S.resolve_config("cpu-speedrun")) == [0.25, 1.0]
+    assert S.keep_levels(S.resolve_config("baseline")) == [1.0]
 
 
 def test_full_token_tail_runs_last_and_the_run_still_ends_at_its_budget(real_archive, tmp_path,

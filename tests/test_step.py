@@ -103,6 +103,37 @@ def test_lion_is_the_papers_update():
     assert all(torch.allclose(p, r, atol=1e-6) for p, r in zip(params, ref))
 
 
+def test_muon_orthogonalises_the_matrices_and_runs_adamw_on_the_rest():
+    """Its AdamW part is torch's AdamW; its matrices move by lr * 0.2 * sqrt(max dim) * an update
+    whose singular values Newton-Schulz has pushed near 1, after Nesterov momentum."""
+    torch.manual_seed(0)
+    matrix, tall, bias = (torch.nn.Parameter(torch.randn(*s)) for s in ((8, 24), (24, 8), (8,)))
+    twin = torch.nn.Parameter(bias.detach().clone())
+    lr, wd, mom = torch.tensor(0.01), 0.1, 0.95
+    opt = S.Muon([{"params": [matrix, tall, bias], "weight_decay": wd}], lr=lr,
+                 orthogonalised=[matrix, tall], momentum=mom)
+    adamw = torch.optim.AdamW([twin], lr=0.01, weight_decay=wd)
+    momentum = torch.zeros_like(matrix)
+    for _ in range(3):
+        before = matrix.detach().clone()
+        grads = [torch.randn_like(p) for p in (matrix, tall, bias)]
+        for p, g in zip((matrix, tall, bias), grads):
+            p.grad = g.clone()
+        twin.grad = grads[2].clone()
+        opt.step()
+        adamw.step()
+        assert torch.allclose(bias, twin, atol=1e-6)
+        momentum = mom * momentum + (1 - mom) * grads[0]
+        nesterov = (1 - mom) * grads[0] + mom * momentum
+        step = (before * (1 - lr * wd) - matrix.detach()) / (lr * 0.2 * 24 ** 0.5)
+        sv = torch.linalg.svdvals(step)
+        assert sv.min() > 0.6 and sv.max() < 1.25  # orthogonal, roughly
+        # the direction of the polar factor of the Nesterov update
+        u, _, vh = torch.linalg.svd(nesterov, full_matrices=False)
+        assert torch.nn.functional.cosine_similarity(step.flatten(), (u @ vh).flatten(), 0) > 0.95
+    assert tall.shape == (24, 8) and torch.isfinite(tall).all()
+
+
 def test_learning_rate_is_computed_on_the_device_from_the_counter(data):
     """The lr the step used is lr_at(the step's progress), as the host logs it."""
     cfg = S.resolve_config("baseline", **TINY, max_steps=10, warmup_epochs=30)
