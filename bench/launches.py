@@ -24,10 +24,13 @@ Prediction per GPU (H100 SXM and RTX 3090; bandwidth and bf16 peak from bench/ro
               speedrun.count_flops_per_image x batch (every token: an upper bound for a
               token-dropping preset such as cpu-speedrun); bytes: each tensor that a launching op
               of the eager step reads or writes, once (roofline.py's rule), summed over the step;
-              fused bytes (compiled and captured steps): Inductor's own count for the compiled
-              graphs plus the bytes of the compiled step's dispatched ops in the ranges where no
-              graph runs (Inductor counts a gather's whole source, the data set included:
-              a little more than a GPU moves);
+              fused bytes (compiled and captured steps): the bytes each kernel of the compiled
+              graphs reads and writes, by Inductor's rule (a buffer counts min(whole buffer, the
+              kernel's elements x its accesses to it)) applied to each node of a fused kernel,
+              where Inductor's own count (num_bytes_accessed) takes every buffer a fused kernel
+              touches whole (a gather of 256 images: the whole data set, and the run's whole
+              index stream), plus the bytes of the compiled step's dispatched ops in the ranges
+              where no graph runs (the optimizer);
   eager       launches x --launch-us (custom ops x --custom-op-us) + arithmetic (eager bytes):
               the host issues every kernel, and small kernels finish before the next is issued;
   compiled    the same with the compiled step's launches and fused bytes;
@@ -230,11 +233,108 @@ def count_eager(trainer, steps: int) -> dict:
     return counter.summary(steps)
 
 
+def _members(node) -> list:
+    """The plain scheduler nodes a fused node is made of (fusions nest)."""
+    from torch._inductor.scheduler import FusedSchedulerNode
+    if not isinstance(node, FusedSchedulerNode):
+        return [node]
+    return [m for sub in node.get_nodes() for m in _members(sub)]
+
+
+def kernel_bytes(node) -> dict:
+    """Bytes one scheduled kernel reads and writes, per buffer (call inside Inductor's graph
+    context). Inductor's rule (Scheduler node get_read_write_buffer_accesses): a buffer counts
+    min(whole buffer, the kernel's elements x its accesses to it). For a fused kernel Inductor
+    takes the kernel's elements as 1e9, so every buffer it touches counts whole: a gather of
+    256 images counts the whole data set, a step's 256 indices the run's whole index stream.
+    Here a fused kernel's buffer counts min(Inductor's figure, the sum over its member nodes of
+    their elements x their accesses to it), the rule Inductor applies to a node alone."""
+    from torch._inductor.scheduler import FusedSchedulerNode, SchedulerNode
+    from torch._inductor.utils import sympy_product
+    from torch._inductor.virtualized import V
+    counted = node.get_read_write_buffer_accesses(include_reads=True, include_writes=True)
+    if not isinstance(node, FusedSchedulerNode):
+        return counted
+    elements = collections.Counter()
+    for member in _members(node):
+        if not isinstance(member, SchedulerNode):
+            return counted
+        ranges = member.get_ranges()
+        numel = V.graph.sizevars.optimization_hint(
+            sympy_product(ranges[0]) * sympy_product(ranges[1]), fallback=0)
+        for dep in (*member.read_writes.reads, *member.read_writes.writes):
+            elements[dep.name] += numel
+    for name, nbytes in counted.items():
+        buf = V.graph.name_to_buffer.get(name) or V.graph.graph_inputs.get(name)
+        try:
+            itemsize = buf.get_dtype().itemsize
+        except (AttributeError, NotImplementedError):
+            continue  # a multi-output or mutation layout: Inductor's figure stands
+        if elements[name]:
+            counted[name] = min(nbytes, elements[name] * itemsize)
+    return counted
+
+
+def _buffer_type(graph, name: str) -> str:
+    """'bfloat16[16896, 288]' for a buffer of a graph being compiled."""
+    buf = graph.name_to_buffer.get(name) or graph.graph_inputs.get(name)
+    try:
+        return f"{str(buf.get_dtype()).removeprefix('torch.')}{[int(d) for d in buf.get_size()]}"
+    except (AttributeError, NotImplementedError, TypeError):
+        return "(several outputs)"
+
+
+class InductorBytes:
+    """Per compiled graph, the bytes of each kernel Inductor scheduled (kernel_bytes), recorded
+    while it compiles (the fx graph and AOT-autograd caches are off, so every graph compiles).
+    graphs: [{"bytes": total, "inductor_bytes": Inductor's own count, "kernels": [...]}]."""
+
+    def __init__(self):
+        self.graphs = []
+
+    @contextlib.contextmanager
+    def recording(self):
+        from torch._inductor.graph import GraphLowering
+        original = GraphLowering.count_bytes
+        recorder = self
+
+        def count_bytes(graph):
+            total, node_counts, runtimes = original(graph)
+            kernels = []
+            for node, _ in node_counts:
+                per_buffer = kernel_bytes(node)
+                if per_buffer:
+                    kernels.append({"name": node.get_name(), "kind": type(node).__name__,
+                                    "bytes": sum(per_buffer.values()),
+                                    "buffers": {f"{name} {_buffer_type(graph, name)}": n for name, n
+                                                in collections.Counter(per_buffer).most_common(4)}})
+            recorder.graphs.append({"bytes": sum(k["bytes"] for k in kernels),
+                                    "inductor_bytes": total, "kernels": kernels})
+            return total, node_counts, runtimes
+
+        GraphLowering.count_bytes = count_bytes
+        try:
+            with inductor_byte_count():
+                yield self
+        finally:
+            GraphLowering.count_bytes = original
+
+    def total(self) -> float:
+        return sum(g["bytes"] for g in self.graphs)
+
+    def summary(self, top: int = 8) -> dict:
+        kernels = sorted(((i, k) for i, g in enumerate(self.graphs) for k in g["kernels"]),
+                         key=lambda ik: -ik[1]["bytes"])
+        return {"graph_bytes": self.total(),
+                "inductor_graph_bytes": sum(g["inductor_bytes"] for g in self.graphs),
+                "bytes_by_graph": [g["bytes"] for g in self.graphs],
+                "top_kernels": [{"graph": i, **k} for i, k in kernels[:top]]}
+
+
 @contextlib.contextmanager
 def inductor_byte_count():
-    """Inductor adds up the bytes each compiled graph's kernels read and write (its scheduler's
-    count, extern kernels included) only while its metrics log is on, and only when it compiles:
-    the log goes nowhere, the caches are off."""
+    """Inductor counts its graphs' bytes (GraphLowering.count_bytes) only while its metrics log is
+    on, and only when it compiles: the log goes nowhere, the caches are off."""
     log = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")
     saved = log.level, log.propagate
     log.setLevel(logging.INFO)
@@ -261,11 +361,10 @@ def count_compiled(make_trainer, steps: int) -> dict:
     # per-kernel profiler events: what runs per step, not what codegen built (its counter also
     # counts the scalar twin of every vectorised C++ kernel)
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
-        with inductor_byte_count():
+        with InductorBytes().recording() as inductor_bytes:
             trainer = make_trainer()
             trainer.step(0)
         graphs = counters["stats"]["unique_graphs"]
-        graph_bytes = torch._inductor.metrics.num_bytes_accessed
         with OpCounter() as counter, torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for s in range(1, steps + 1):
@@ -283,7 +382,7 @@ def count_compiled(make_trainer, steps: int) -> dict:
         dynamo_graphs=graphs, graph_breaks=sum(counters["graph_break"].values()),
         recompiled_while_counting=counters["stats"]["unique_graphs"] > graphs,
         graph_calls=graph_calls / steps, inductor_kernels=sum(inductor.values()) / steps,
-        graph_bytes=graph_bytes,
+        **inductor_bytes.summary(),
         inductor_kernels_by_phase={k: v / steps for k, v in inductor.items()})
     result["launches"] += result["inductor_kernels"]
     for phase, n in result["inductor_kernels_by_phase"].items():
@@ -320,14 +419,19 @@ def host_s(launches: float, custom_launches: float, costs: Costs) -> float:
 
 
 def fused_bytes(eager: dict, compiled) -> float:
-    """A compiled step's traffic: Inductor's count for its graphs (each runs once a step, extern
-    calls included) plus the ops dispatched in the ranges where no graph runs (what stays eager
-    there, such as the optimizer); without compiled counts, the eager step's."""
+    """A compiled step's traffic: the bytes of its graphs' kernels (kernel_bytes; each graph runs
+    once a step, extern calls included) plus outside_graph_bytes; without compiled counts, the
+    eager step's."""
     if compiled is None:
         return eager["bytes"]
+    return compiled["graph_bytes"] + outside_graph_bytes(compiled)
+
+
+def outside_graph_bytes(compiled: dict) -> float:
+    """The bytes of the ops dispatched in the ranges where no graph runs (what stays eager there,
+    such as the optimizer); ops dispatched where a graph runs are its extern calls, counted in it."""
     in_graphs = compiled["inductor_kernels_by_phase"]
-    outside = sum(b for p, b in compiled["bytes_by_phase"].items() if not in_graphs.get(p))
-    return compiled["graph_bytes"] + outside
+    return sum(b for p, b in compiled["bytes_by_phase"].items() if not in_graphs.get(p))
 
 
 def predict_step_s(eager: dict, compiled, flops: float, peak: float, bandwidth: float,
@@ -373,6 +477,29 @@ def _n(value):
     return "—" if value is None else f"{value:,.0f}"
 
 
+def _bytes_table(report) -> list:
+    """Where each compiled step's fused bytes go: per graph (in compile order: data + forward +
+    loss, then backward), outside the graphs, and the largest kernel."""
+    rows = [row for row in report["variants"] if row.get("compiled")]
+    if not rows:
+        return []
+    lines = ["", "Fused bytes per step (GB): the compiled graphs in compile order (1: data + forward "
+             "+ loss, 2: backward), the ops outside them (optimizer), and Inductor's own count of "
+             "the graphs (a fused kernel's buffers counted whole).", "",
+             "| variant | graph 1 | graph 2 | outside | fused | Inductor's count | largest kernel |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        c = row["compiled"]
+        graphs = [f"{b / 1e9:,.2f}" for b in c["bytes_by_graph"][:2]] + ["—"] * (2 - len(c["bytes_by_graph"][:2]))
+        top = c["top_kernels"][0] if c["top_kernels"] else None
+        largest = "—" if top is None else (f"{top['bytes'] / 1e6:,.1f} MB (graph {top['graph'] + 1}: "
+                                           + ", ".join(top["buffers"]) + ")")
+        lines.append(f"| {row['variant']} | {' | '.join(graphs)} | "
+                     f"{outside_graph_bytes(c) / 1e9:,.2f} | {fused_bytes(row['eager'], c) / 1e9:,.2f} | "
+                     f"{c['inductor_graph_bytes'] / 1e9:,.2f} | {largest} |")
+    return lines
+
+
 def markdown(report) -> str:
     costs = report["costs"]
     lines = [f"Launches per training step at batch {report['batch_size']}, counted on "
@@ -391,6 +518,7 @@ def markdown(report) -> str:
                      f"{_n(e['custom_op_launches'])} | " + " | ".join(compiled) +
                      f" | {row['flops_per_step'] / 1e9:,.1f} | {e['bytes'] / 1e9:,.2f} / "
                      f"{fused_bytes(e, c) / 1e9:,.2f} |")
+    lines += _bytes_table(report)
     lines += ["", f"Predicted step time (ms) and full-recipe time (s): launch {costs['launch_us']:g} µs, "
               f"custom op {costs['custom_op_us']:g} µs, {costs['efficiency']:.0%} of peak FLOP/s "
               f"({report['precision']}) and bandwidth.", "",

@@ -38,6 +38,27 @@ def test_counter_counts_a_gather_by_what_it_picks():
     assert counter.bytes["other"] == 2 * (2 * 8 * 4) + index_bytes  # torch.tensor: no kernel
 
 
+def test_compiled_gather_counts_the_rows_it_picks_not_the_whole_table():
+    # a gather fused with a reduction: Inductor's own count (num_bytes_accessed) takes the whole
+    # 6.4 MB table, as it did the whole data set and index stream for the training step
+    table = torch.randn(100_000, 16)
+    idx = torch.randint(0, 100_000, (64,))
+
+    def gather_and_sum(table, idx):
+        rows = table[idx] * 2
+        return rows, rows.sum(1)
+
+    torch._dynamo.reset()
+    with L.InductorBytes().recording() as recorded:
+        torch.compile(gather_and_sum, fullgraph=True)(table, idx)
+    summary = recorded.summary()
+    (kernel,) = summary["top_kernels"]
+    assert kernel["kind"].endswith("FusedSchedulerNode")  # the case Inductor counts whole
+    picked, index, sums = 64 * 16 * 4, 64 * 8, 64 * 4
+    assert summary["graph_bytes"] == 2 * picked + index + sums  # rows read, rows written
+    assert summary["inductor_graph_bytes"] >= table.numel() * 4  # the old count: the whole table
+
+
 def test_prediction_arithmetic_on_hand_made_counts():
     costs = L.Costs(launch_s=5e-6, custom_op_s=20e-6, efficiency=0.5)
     eager = {"launches": 1000, "custom_op_launches": 10, "bytes": 2e9}
@@ -95,7 +116,9 @@ def test_launches_end_to_end(tmp_path, capsys):
     assert compiled["dynamo_graphs"] >= 1 and compiled["graph_calls"] >= 1
     assert compiled["inductor_kernels"] >= 1 and not compiled["recompiled_while_counting"]
     assert compiled["launches"] < eager["launches"]  # the model's ops became fewer, fused kernels
-    assert compiled["graph_bytes"] > 0  # Inductor counts a gather's whole source: no bound vs eager
+    assert 0 < compiled["graph_bytes"] == pytest.approx(sum(compiled["bytes_by_graph"]))
+    assert compiled["graph_bytes"] <= compiled["inductor_graph_bytes"]  # never more than Inductor's
+    assert len(compiled["bytes_by_graph"]) == 2  # data + forward + loss, backward
     assert row["flops_per_step"] > 0 and row["recipe_steps"] > 0
     for gpu in ("H100", "RTX 3090"):
         step = row["predicted"][gpu]["step_s"]
@@ -107,6 +130,7 @@ def test_launches_end_to_end(tmp_path, capsys):
     table = (out / "launches.md").read_text()
     assert "| baseline | RTX 3090 |" in table and "| baseline | H100 |" in table
     assert "Check: the paper's plain model" in table
+    assert "| variant | graph 1 | graph 2 | outside | fused | Inductor's count | largest kernel |" in table
     assert "| baseline |" in capsys.readouterr().out
 
 
