@@ -94,6 +94,14 @@ def run_command(args, seed: int, out: str) -> list:
     return cmd
 
 
+def tuning_of(run_out: str) -> str:
+    """What a run trained, as its config.json says: a preset that fits itself to the CPU
+    (cpu-speedrun) may choose differently from one run to the next."""
+    with open(os.path.join(run_out, "config.json")) as f:
+        cfg = json.load(f)
+    return f"{cfg['precision']}, depth {cfg['depth']}, token share {cfg['token_keep']:g}"
+
+
 def markdown(report: dict) -> str:
     s, m = report["stats"], report["machine"]
     target = ""
@@ -101,9 +109,13 @@ def markdown(report: dict) -> str:
         target = f"; 95 % lower bound {s['lower95']:.2f} % {'≥' if s['target_met'] else '<'} {s['target']:g} %"
     budget = report["budget_s"]
     used = max(r["total_s"] for r in report["runs"])
+    counts = {}
+    for r in report["runs"]:
+        counts[r["tuning"]] = counts.get(r["tuning"], 0) + 1
+    tunings = "; ".join(f"{t} ×{n}" for t, n in counts.items())
     return ("| date | preset | CPU | runs | budget | test acc: mean ± std (min–max) | command |\n"
             "|---|---|---|---:|---|---|---|\n"
-            f"| {report['date']} | {report['variant']} | {m['cpu']} ({', '.join(m['flags']) or 'no bf16 flags'}, "
+            f"| {report['date']} | {report['variant']} ({tunings}) | {m['cpu']} ({', '.join(m['flags']) or 'no bf16 flags'}, "
             f"{m['threads']} threads) | {s['n']} | {budget} (≤ {used:.1f} s used) | "
             f"**{s['mean']:.2f} ± {s['std']:.2f} %** ({s['min']:.2f}–{s['max']:.2f}){target} | "
             f"`{report['command']}` |")
@@ -134,11 +146,13 @@ def run(argv=None) -> int:
         with open(os.path.join(run_out, "summary.json")) as f:
             summary = json.load(f)
         report["runs"].append({"seed": seed, "test_acc": summary["test_acc"], "steps": summary["steps"],
-                               "total_s": summary["total_s"], "img_per_s": summary["img_per_s"]})
+                               "total_s": summary["total_s"], "img_per_s": summary["img_per_s"],
+                               "tuning": tuning_of(run_out)})
         spent = time.monotonic() - started
         eta = spent / (seed + 1) * (args.seeds - seed - 1)
         print(f"  seed {seed}: {summary['test_acc']:.2f} % in {summary['total_s']:.1f} s, "
-              f"{summary['steps']:,} steps | ETA {eta / 60:.1f} min", flush=True)
+              f"{summary['steps']:,} steps, {report['runs'][-1]['tuning']} | ETA {eta / 60:.1f} min",
+              flush=True)
     report["stats"] = statistics_of([r["test_acc"] for r in report["runs"]], args.target)
     report["command"] = shlex.join(["python", "bench/record.py"] + (argv if argv is not None else sys.argv[1:]))
     table = markdown(report)
