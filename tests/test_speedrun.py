@@ -503,9 +503,10 @@ def test_bf16_and_fp32_give_the_same_first_loss(one_thread):
 
 
 def test_keep_schedule_ends_on_every_token():
-    cfg = S.resolve_config("cpu-speedrun", token_keep=0.25, full_token_tail=0.2)
+    cfg = S.resolve_config("cpu-speedrun", token_keep=0.25, full_token_tail=0.2, full_token_ramp=0)
     assert [S.keep_at(p, cfg) for p in (0.0, 0.5, 0.79, 0.8, 1.0)] == [0.25, 0.25, 0.25, 1.0, 1.0]
-    assert S.keep_at(0.99, S.resolve_config("cpu-speedrun", token_keep=0.25, full_token_tail=0)) == 0.25
+    assert S.keep_at(0.99, S.resolve_config("cpu-speedrun", token_keep=0.25, full_token_tail=0,
+                                          full_token_ramp=0)) == 0.25
 
 
 def test_keep_ramp_rises_an_eighth_at_a_time_before_the_tail():
@@ -515,7 +516,7 @@ def test_keep_ramp_rises_an_eighth_at_a_time_before_the_tail():
     assert shares == sorted(shares)  # never falls
     assert S.keep_levels(cfg) == [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
     assert S.keep_at(0.75, cfg) == 0.625  # halfway up the ramp: 0.25 + 0.75 / 2 = 0.625
-    assert S.keep_levels(S.resolve_config("cpu-speedrun")) == [0.25, 1.0]
+    assert S.keep_levels(S.resolve_config("cpu-speedrun", full_token_ramp=0)) == [0.25, 1.0]
     assert S.keep_levels(S.resolve_config("baseline")) == [1.0]
 
 
@@ -529,6 +530,7 @@ def test_full_token_tail_runs_last_and_the_run_still_ends_at_its_budget(real_arc
                      eval_s_per_image=0.001)
     cfg = S.resolve_config("cpu-speedrun", width=32, depth=1, heads=2, patch_size=8, batch_size=32,
                            time_budget=40.0, log_every=5, token_keep=0.25, full_token_tail=0.25,
+                           full_token_ramp=0,
                            tta_flip=False, whiten=False, data=real_archive,
                            out=str(tmp_path / "run"), precision="fp32", device="cpu")
     summary = S.train(cfg, clock=lambda: now[0])

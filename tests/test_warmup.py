@@ -56,7 +56,7 @@ def test_compiled_run_builds_three_graphs_before_timing_and_never_recompiles(tin
     torch._dynamo.reset()
     try:
         cfg = tiny(tiny_cifar, tmp_path / "run", compile="on", token_keep=0.25, full_token_tail=0.3,
-                   eval_every=0.5)
+                   full_token_ramp=0, eval_every=0.5)
         summary = S.train(cfg)
     finally:
         torch._dynamo.reset()
@@ -120,7 +120,7 @@ def test_compiling_costs_no_steps_and_no_budget(tiny_cifar, tmp_path, monkeypatc
         now[0] = 0.0
         out = tmp_path / mode
         cfg = tiny(tiny_cifar, out, compile=mode, time_budget=40.0, epochs=1000.0, log_every=10,
-                   token_keep=0.25, full_token_tail=0.25, tta_flip=False, whiten=False)
+                   token_keep=0.25, full_token_tail=0.25, full_token_ramp=0, tta_flip=False, whiten=False)
         summary = S.train(cfg, clock=lambda: now[0])
         losses = [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if r["kind"] == "train"]
         runs[mode] = summary, losses
