@@ -585,6 +585,14 @@ def whiten_patch_embed(model: ViT, images: torch.Tensor, every_patch: bool = Fal
 # ----------------------------------------------------------------------------------------------
 # Optimisation: AdamW/Lion, warm-up + cosine, soft-target cross-entropy
 
+def zeros_state(state: dict, name: str, like: torch.Tensor) -> torch.Tensor:
+    """An optimizer's state tensor, zeros when first asked for (setdefault would build a fresh
+    zeros tensor on every step only to drop it)."""
+    if name not in state:
+        state[name] = torch.zeros_like(like)
+    return state[name]
+
+
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023): step along the sign of momentum and gradient interpolated, then
     update the momentum; decoupled weight decay. Foreach over all tensors, and lr may be a device
@@ -600,7 +608,7 @@ class Lion(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            momenta = [self.state[p].setdefault("exp_avg", torch.zeros_like(p)) for p in params]
+            momenta = [zeros_state(self.state[p], "exp_avg", p) for p in params]
             (beta1, beta2), lr = group["betas"], group["lr"]
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
             updates = torch._foreach_lerp(momenta, grads, 1 - beta1)
@@ -640,7 +648,7 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
+            if params and group["weight_decay"]:  # the free group: nothing to decay
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             for muon, part in ((True, [p for p in params if id(p) in self.orthogonalised]),
                                (False, [p for p in params if id(p) not in self.orthogonalised])):
@@ -649,7 +657,7 @@ class Muon(torch.optim.Optimizer):
 
     def _muon(self, params, group):
         grads = [p.grad for p in params]
-        momenta = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        momenta = [zeros_state(self.state[p], "momentum_buffer", p) for p in params]
         torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
         updates = torch._foreach_lerp(grads, momenta, group["momentum"])  # Nesterov
         by_shape = collections.defaultdict(list)  # one batched iteration per shape
