@@ -625,9 +625,9 @@ def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     X = G.transpose(-2, -1) if G.shape[-2] > G.shape[-1] else G  # the short side first: cheaper
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1
     a, b, c = 3.4445, -4.7750, 2.0315
-    for _ in range(steps):
+    for _ in range(steps):  # X <- aX + (bA + cA^2)X, A = XX^T: the scalings fused into the products
         A = X @ X.transpose(-2, -1)
-        X = a * X + (b * A + c * A @ A) @ X
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
     return X.transpose(-2, -1) if G.shape[-2] > G.shape[-1] else X
 
 
@@ -660,13 +660,17 @@ class Muon(torch.optim.Optimizer):
         momenta = [zeros_state(self.state[p], "momentum_buffer", p) for p in params]
         torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
         updates = torch._foreach_lerp(grads, momenta, group["momentum"])  # Nesterov
-        by_shape = collections.defaultdict(list)  # one batched iteration per shape
+        # one batched iteration per shape, a tall matrix taken as its transpose (wide and tall
+        # MLP matrices share one)
+        by_shape = collections.defaultdict(list)
         for p, u in zip(params, updates):
-            by_shape[p.shape].append((p, u))
-        for shape, pairs in by_shape.items():
-            ortho = newton_schulz(torch.stack([u for _, u in pairs]).to(self.ns_dtype))
+            tall = u.shape[0] > u.shape[1]
+            by_shape[u.shape[::-1] if tall else u.shape].append((p, u.T if tall else u, tall))
+        for shape, items in by_shape.items():
+            ortho = newton_schulz(torch.stack([u for _, u, _ in items]).to(self.ns_dtype))
             ortho = ortho.float() * (group["lr"] * 0.2 * max(shape) ** 0.5)
-            torch._foreach_sub_([p for p, _ in pairs], list(ortho.unbind()))
+            torch._foreach_sub_([p for p, _, _ in items],
+                                [o.T if tall else o for o, (_, _, tall) in zip(ortho.unbind(), items)])
 
     def _adamw(self, params, group):
         (beta1, beta2), eps = group["betas"], group["eps"]

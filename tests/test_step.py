@@ -113,9 +113,9 @@ def test_muon_orthogonalises_the_matrices_and_runs_adamw_on_the_rest():
     opt = S.Muon([{"params": [matrix, tall, bias], "weight_decay": wd}], lr=lr,
                  orthogonalised=[matrix, tall], momentum=mom)
     adamw = torch.optim.AdamW([twin], lr=0.01, weight_decay=wd)
-    momentum = torch.zeros_like(matrix)
+    momenta = [torch.zeros_like(matrix), torch.zeros_like(tall)]
     for _ in range(3):
-        before = matrix.detach().clone()
+        before = [matrix.detach().clone(), tall.detach().clone()]
         grads = [torch.randn_like(p) for p in (matrix, tall, bias)]
         for p, g in zip((matrix, tall, bias), grads):
             p.grad = g.clone()
@@ -123,15 +123,16 @@ def test_muon_orthogonalises_the_matrices_and_runs_adamw_on_the_rest():
         opt.step()
         adamw.step()
         assert torch.allclose(bias, twin, atol=1e-6)
-        momentum = mom * momentum + (1 - mom) * grads[0]
-        nesterov = (1 - mom) * grads[0] + mom * momentum
-        step = (before * (1 - lr * wd) - matrix.detach()) / (lr * 0.2 * 24 ** 0.5)
-        sv = torch.linalg.svdvals(step)
-        assert sv.min() > 0.6 and sv.max() < 1.25  # orthogonal, roughly
-        # the direction of the polar factor of the Nesterov update
-        u, _, vh = torch.linalg.svd(nesterov, full_matrices=False)
-        assert torch.nn.functional.cosine_similarity(step.flatten(), (u @ vh).flatten(), 0) > 0.95
-    assert tall.shape == (24, 8) and torch.isfinite(tall).all()
+        # the wide matrix and the tall one (orthogonalised as its transpose, in one batch)
+        for i, p in enumerate((matrix, tall)):
+            momenta[i] = mom * momenta[i] + (1 - mom) * grads[i]
+            nesterov = (1 - mom) * grads[i] + mom * momenta[i]
+            step = (before[i] * (1 - lr * wd) - p.detach()) / (lr * 0.2 * 24 ** 0.5)
+            sv = torch.linalg.svdvals(step)
+            assert sv.min() > 0.6 and sv.max() < 1.25  # orthogonal, roughly
+            # the direction of the polar factor of the Nesterov update
+            u, _, vh = torch.linalg.svd(nesterov, full_matrices=False)
+            assert torch.nn.functional.cosine_similarity(step.flatten(), (u @ vh).flatten(), 0) > 0.95
 
 
 def test_learning_rate_is_computed_on_the_device_from_the_counter(data):
