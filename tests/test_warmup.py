@@ -69,6 +69,35 @@ def test_compiled_run_builds_three_graphs_before_timing_and_never_recompiles(tin
     assert evaluations[0] == 2 and len(evaluations) > 5 and set(evaluations[1:]) == {3}
 
 
+def test_compiled_ramp_builds_a_graph_per_token_share_before_timing(tiny_cifar, tmp_path,
+                                                                    monkeypatch):
+    """The rising token share (a quarter of 16 tokens, up an eighth at a time over half the run,
+    then all): the warm-up builds the step at each of the 7 shares and evaluation, and training
+    at every share then finds its graph (8 graphs in all, none built after the warm-up)."""
+    counter = GraphCounter()
+    monkeypatch.setitem(S.COMPILE, "backend", counter)
+    after_warm_up, keeps = [], []
+    prepare, step = S.Trainer.prepare, S.Trainer.step
+    monkeypatch.setattr(S.Trainer, "prepare", lambda self, *a, **k: (
+        prepare(self, *a, **k), after_warm_up.append(counter.frame_count))[0])
+    monkeypatch.setattr(S.Trainer, "step", lambda self, s, share=0.0, token_keep=None, *a, **k: (
+        keeps.append((token_keep, counter.frame_count)), step(self, s, share, token_keep, *a, **k))[1])
+    torch._dynamo.reset()
+    try:
+        cfg = tiny(tiny_cifar, tmp_path / "run", compile="on", token_keep=0.25, full_token_ramp=0.5,
+                   full_token_tail=0.25, epochs=4.0, eval_every=0)
+        levels = S.keep_levels(cfg)
+        summary = S.train(cfg)
+    finally:
+        torch._dynamo.reset()
+    assert levels == [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+    assert summary["steps"] == 40 and summary["compiled"]
+    assert after_warm_up == [len(levels) + 1] and counter.dynamic == [False] * (len(levels) + 1)
+    trained = keeps[len(levels):]  # after the warm-up's one step per share
+    assert sorted({k for k, _ in trained}) == levels  # every share trained ...
+    assert {built for _, built in trained} == {len(levels) + 1}  # ... on a graph built before
+
+
 def test_compiled_evaluation_pads_its_last_batch_to_one_shape(tiny_cifar, tmp_path, monkeypatch):
     """20 test images in batches of 8: the last batch of 4 is padded to 8 and its padding
     dropped, so one graph serves and the figures equal an uncompiled evaluation's."""
