@@ -619,16 +619,16 @@ class Lion(torch.optim.Optimizer):
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """The nearest semi-orthogonal matrix to each of the (n, r, c) stack G, approximately: a
-    quintic Newton-Schulz iteration whose coefficients (Jordan et al. 2024) push every singular
-    value into about [0.7, 1.2] in five steps; bf16 where matmuls are fast in it."""
-    X = G.transpose(-2, -1) if G.shape[-2] > G.shape[-1] else G  # the short side first: cheaper
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1
+    """The nearest semi-orthogonal matrix to each of the (n, r, c) stack G of wide matrices
+    (r <= c: XX^T is then the small product), approximately: a quintic Newton-Schulz iteration
+    whose coefficients (Jordan et al. 2024) push every singular value into about [0.7, 1.2] in
+    five steps; bf16 where matmuls are fast in it."""
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1
     a, b, c = 3.4445, -4.7750, 2.0315
     for _ in range(steps):  # X <- aX + (bA + cA^2)X, A = XX^T: the scalings fused into the products
         A = X @ X.transpose(-2, -1)
         X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
-    return X.transpose(-2, -1) if G.shape[-2] > G.shape[-1] else X
+    return X
 
 
 class Muon(torch.optim.Optimizer):
@@ -660,8 +660,8 @@ class Muon(torch.optim.Optimizer):
         momenta = [zeros_state(self.state[p], "momentum_buffer", p) for p in params]
         torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
         updates = torch._foreach_lerp(grads, momenta, group["momentum"])  # Nesterov
-        # one batched iteration per shape, a tall matrix taken as its transpose (wide and tall
-        # MLP matrices share one)
+        # one batched iteration per shape, a tall matrix taken as its transpose (newton_schulz
+        # wants the short side first; the wide and tall MLP matrices share one batch)
         by_shape = collections.defaultdict(list)
         for p, u in zip(params, updates):
             tall = u.shape[0] > u.shape[1]

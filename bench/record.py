@@ -12,6 +12,7 @@ record.md (a row for the README's records table) into --out.
         --data ../shared/data/cifar-10-python.tar.gz
 """
 import argparse
+import collections
 import datetime
 import json
 import math
@@ -109,9 +110,7 @@ def markdown(report: dict) -> str:
         target = f"; 95 % lower bound {s['lower95']:.2f} % {'≥' if s['target_met'] else '<'} {s['target']:g} %"
     budget = report["budget_s"]
     used = max(r["total_s"] for r in report["runs"])
-    counts = {}
-    for r in report["runs"]:
-        counts[r["tuning"]] = counts.get(r["tuning"], 0) + 1
+    counts = collections.Counter(r["tuning"] for r in report["runs"])
     tunings = "; ".join(f"{t} ×{n}" for t, n in counts.items())
     return ("| date | preset | CPU | runs | budget | test acc: mean ± std (min–max) | command |\n"
             "|---|---|---|---:|---|---|---|\n"
