@@ -116,7 +116,9 @@ class Config:
     batch_size: int = _f(256, "global batch size (split across processes under torchrun)")
     epochs: float = _f(100.0, "epochs, each passes_per_epoch passes over the training set")
     warmup_epochs: float = _f(10.0, "linear warm-up length, as a share of epochs")
-    min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
+    lr_decay: str = _f("cosine", "the decay after warm-up: cosine (the paper's) or linear, each "
+                       "down to min_lr at the end", choices=("cosine", "linear"))
+    min_lr: float = _f(1e-6, "learning rate at the end of the decay")
     label_smoothing: float = _f(0.1, "label smoothing")
     # run
     max_steps: int = _f(0, "stop after this many steps (0: run all epochs); schedule spans them")
@@ -583,7 +585,7 @@ def whiten_patch_embed(model: ViT, images: torch.Tensor, every_patch: bool = Fal
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimisation: AdamW/Lion, warm-up + cosine, soft-target cross-entropy
+# Optimisation: AdamW/Lion/Muon, warm-up + cosine or linear decay, soft-target cross-entropy
 
 def zeros_state(state: dict, name: str, like: torch.Tensor) -> torch.Tensor:
     """An optimizer's state tensor, zeros when first asked for (setdefault would build a fresh
@@ -720,13 +722,14 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device,
 
 
 def lr_at(progress, cfg: Config):
-    """Linear warm-up for warmup_epochs/epochs of the run, then cosine down to min_lr at 1.0.
+    """Linear warm-up for warmup_epochs/epochs of the run, then --lr-decay down to min_lr at 1.0.
     progress: a float (the host's log) or a device tensor (the step's own schedule)."""
     warm = min(cfg.warmup_epochs / cfg.epochs, 0.5)
     p = torch.as_tensor(progress, dtype=torch.float64)
     t = ((p - warm) / max(1e-12, 1 - warm)).clamp(0.0, 1.0)
-    cosine = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + torch.cos(math.pi * t))
-    lr = torch.where(p < warm, cfg.lr * p / max(warm, 1e-12), cosine)
+    left = 1 - t if cfg.lr_decay == "linear" else 0.5 * (1 + torch.cos(math.pi * t))
+    decay = cfg.min_lr + (cfg.lr - cfg.min_lr) * left
+    lr = torch.where(p < warm, cfg.lr * p / max(warm, 1e-12), decay)
     return lr if torch.is_tensor(progress) else lr.item()
 
 
@@ -1527,7 +1530,7 @@ class RunFolder:
 
 
 class Budget:
-    """The schedule's clock. Progress through warm-up and cosine is the larger of the steps' share
+    """The schedule's clock. Progress through warm-up and decay is the larger of the steps' share
     and, under --time-budget, the time's share: the whole run, start-up and final evaluation
     included, then ends with the budget. As in speedruns, the one-off compile and warm-up
     (Trainer.prepare: warmup_s, before this clock starts) are not part of the budget: it holds

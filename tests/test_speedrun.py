@@ -93,6 +93,16 @@ def test_schedule_warmup_and_end_values():
     assert S.lr_at(0.55, cfg) == pytest.approx((cfg.lr + cfg.min_lr) / 2)
 
 
+def test_linear_decay_falls_in_a_straight_line_after_the_same_warmup():
+    cosine = S.resolve_config("baseline")
+    linear = S.resolve_config("baseline", lr_decay="linear")
+    for p in (0.0, 0.05, 0.1, 0.55, 1.0):  # warm-up, peak, middle and end agree
+        assert S.lr_at(p, linear) == pytest.approx(S.lr_at(p, cosine))
+    quarter = linear.min_lr + 0.75 * (linear.lr - linear.min_lr)  # a quarter into the decay
+    assert S.lr_at(0.325, linear) == pytest.approx(quarter)
+    assert S.lr_at(0.325, cosine) > quarter * 1.1  # the cosine is still near its peak there
+
+
 def test_soft_cross_entropy_equals_mixed_label_smoothing_ce():
     logits, ya, yb, lam = torch.randn(5, 10), torch.arange(5), torch.arange(5, 10), 0.3
     targets = lam * torch.eye(10)[ya] + (1 - lam) * torch.eye(10)[yb]
