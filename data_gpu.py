@@ -278,11 +278,13 @@ def writable(folder):
 
 
 def _cache_paths(source, root):
-    """Next to the source; when that folder is read-only, in root/ (keyed by the source's name)."""
-    cache_name = os.path.basename(os.path.normpath(source)) + ".u8cache.pt"
-    beside = os.path.join(os.path.dirname(os.path.abspath(source)), cache_name)
-    in_root = os.path.abspath(os.path.join(root, cache_name))
-    return [beside] if in_root == beside else [beside, in_root]
+    """Next to the source; when that folder is read-only, in root/, keyed by the source's name
+    and path: read-only sources of the same name (the real archive and a test's) keep their own."""
+    name = os.path.basename(os.path.normpath(source))
+    beside = os.path.join(os.path.dirname(os.path.abspath(source)), name + ".u8cache.pt")
+    where = zlib.crc32(os.path.abspath(source).encode())
+    in_root = os.path.abspath(os.path.join(root, f"{name}.{where:08x}.u8cache.pt"))
+    return [beside, in_root]
 
 
 def _load_cache(path, meta, log):

@@ -196,15 +196,27 @@ def test_a_killed_cache_write_is_cleaned_up_on_the_next_start(tmp_path):
 
 
 def test_cache_goes_to_root_when_the_source_folder_is_read_only(tmp_path):
-    batches = batch_dicts()
-    folder = write_folder(tmp_path / "ro" / "cifar-10-batches-py", batches)
-    os.chmod(tmp_path / "ro", 0o555)
+    """Each read-only source gets its own cache in root/, even under the same name: two
+    sources never take turns rebuilding one file."""
+    batches, other = batch_dicts(), batch_dicts(seed=1)
+    folders = [write_folder(tmp_path / ro / "cifar-10-batches-py", b) for ro, b in (("a", batches), ("b", other))]
+    root = tmp_path / "root"
+    for ro in "ab":
+        os.chmod(tmp_path / ro, 0o555)
     try:
-        check_loaded(data_gpu.load_cifar10(folder, root=str(tmp_path / "root"), log=quiet), batches)
-        assert os.listdir(tmp_path / "ro") == ["cifar-10-batches-py"]
-        assert os.listdir(tmp_path / "root") == ["cifar-10-batches-py.u8cache.pt"]
+        for _ in range(2):
+            for folder, b in zip(folders, (batches, other)):
+                said = []
+                check_loaded(data_gpu.load_cifar10(folder, root=str(root), log=said.append), b)
+                assert not any("stale" in line for line in said), said
+        for ro in "ab":
+            assert os.listdir(tmp_path / ro) == ["cifar-10-batches-py"]
+        caches = sorted(os.listdir(root))
+        assert len(caches) == 2 and all(c.startswith("cifar-10-batches-py.") and c.endswith(".u8cache.pt")
+                                        for c in caches)
     finally:
-        os.chmod(tmp_path / "ro", 0o755)
+        for ro in "ab":
+            os.chmod(tmp_path / ro, 0o755)
 
 
 # ----------------------------------------------------------------------------- download
