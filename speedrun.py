@@ -162,7 +162,7 @@ class Variant:
 
 
 # the cpu-speedrun recipe (its reasons are beside its entry below), shared by its fp32 retuning
-CPU_SPEEDRUN = {"width": 96, "depth": 6, "heads": 2, "batch_size": 128, "optimizer": "muon",
+CPU_SPEEDRUN = {"width": 128, "depth": 6, "heads": 2, "batch_size": 128, "optimizer": "muon",
                 "whiten": True, "whiten_from": "raw", "decay_params": "matrices", "drop_last": False,
                 "token_keep": 0.25, "full_token_ramp": 0.3, "full_token_tail": 0.1,
                 "crop_pad": 0, "autoaugment": False, "mix_prob": 0.0, "erase_prob": 0.0,
@@ -173,7 +173,7 @@ CPU_SPEEDRUN = {"width": 96, "depth": 6, "heads": 2, "batch_size": 128, "optimiz
 # what cpu-speedrun changes for each precision: fp32 steps cost twice bf16's where bf16 has
 # matrix units, so fp32 buys cheaper images (fit_cpu_speedrun picks one by measuring)
 CPU_TUNING = {"bf16": {"precision": "bf16"},
-              "fp32": {"precision": "fp32", "depth": 4, "token_keep": 0.125}}
+              "fp32": {"precision": "fp32", "width": 96, "depth": 4, "token_keep": 0.125}}
 # bf16 is chosen where it trains at least this much faster than fp32: on the AMX Xeon its lead
 # for this small model is only 1.05-1.4x, yet bf16 with the preset's tuning beat fp32 with
 # cheaper images by 4 points at 1.27x; without bf16 units it is far below 1
@@ -216,14 +216,14 @@ VARIANTS = {
     # ten minutes leave the model underfit, so every choice buys images/s or faster fitting
     # rather than regularisation (the measurements: bench/README.md, CPU speedrun); 30 epochs is
     # a cap the time budget always meets first
-    "cpu-speedrun": Variant("10-minute CPU preset: width 96, depth 6, 2 heads, whitened patches, "
+    "cpu-speedrun": Variant("10-minute CPU preset: width 128, depth 6, 2 heads, whitened patches, "
                             "Muon, a quarter of the tokens rising to all over 60-90 % of the run, "
                             "flips only, flip TTA, schedule fitted to --time-budget (600 s)",
                             CPU_SPEEDRUN),
     # fp32 runs at about half the images/s of bf16, so the same ten minutes favour cheaper
     # images still (bench/README.md, CPU without bf16 units)
-    "cpu-speedrun-fp32": Variant("cpu-speedrun for CPUs without bf16 units (fp32): depth 4, an "
-                                 "eighth of the tokens before the rise",
+    "cpu-speedrun-fp32": Variant("cpu-speedrun for CPUs without bf16 units (fp32): width 96, "
+                                 "depth 4, an eighth of the tokens before the rise",
                                  {**CPU_SPEEDRUN, **CPU_TUNING["fp32"]}),
 }
 
@@ -1847,7 +1847,7 @@ def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
     tuned = {k: v for k, v in CPU_TUNING[choice].items() if k not in typed}
     cfg = dataclasses.replace(cfg, **tuned)
     validate(cfg)
-    log(f"{cfg.variant}: {choice}, depth {cfg.depth}, token share {cfg.token_keep:g}, batch "
+    log(f"{cfg.variant}: {choice}, width {cfg.width}, depth {cfg.depth}, token share {cfg.token_keep:g}, batch "
         f"{cfg.batch_size}: {why}")
     return cfg
 

@@ -253,9 +253,9 @@ def test_record_runs_each_seed_as_a_user_would_and_writes_the_row(tiny_cifar, tm
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
     row = (tmp_path / "rec" / "record.md").read_text()
     assert f"{report['stats']['mean']:.2f} ±" in row and "bench/record.py --variant baseline" in row
-    # what each run trained, from its config.json: fp32, depth 1, all tokens, both runs
-    assert all(r["tuning"] == "fp32, depth 1, token share 1" for r in report["runs"])
-    assert "| baseline (fp32, depth 1, token share 1 ×2) |" in row
+    # what each run trained, from its config.json: fp32, width 32, depth 1, all tokens, both runs
+    assert all(r["tuning"] == "fp32, width 32, depth 1, token share 1" for r in report["runs"])
+    assert "| baseline (fp32, width 32, depth 1, token share 1 ×2) |" in row
     assert "seed 1:" in capsys.readouterr().out
 
 

@@ -552,19 +552,19 @@ def test_full_token_tail_runs_last_and_the_run_still_ends_at_its_budget(real_arc
 
 
 @pytest.mark.parametrize("bf16, fp32, typed, want", [
-    (2000.0, 1000.0, {}, ("bf16", 6, 0.25)),            # matrix units: bf16 and the preset
-    (1100.0, 1000.0, {}, ("bf16", 6, 0.25)),            # bf16 a little faster: still bf16
-    (900.0, 1000.0, {}, ("fp32", 4, 0.125)),            # bf16 slower: fp32, cheaper images
-    (900.0, 1000.0, {"depth": 5}, ("fp32", 5, 0.125)),  # typed flags win over the tuning
-    (None, None, {"precision": "bf16"}, ("bf16", 6, 0.25)),  # typed precision: no probe
+    (2000.0, 1000.0, {}, ("bf16", 128, 6, 0.25)),                 # matrix units: bf16 and the preset
+    (1100.0, 1000.0, {}, ("bf16", 128, 6, 0.25)),                 # bf16 a little faster: still bf16
+    (900.0, 1000.0, {}, ("fp32", 96, 4, 0.125)),                  # bf16 slower: fp32, cheaper images
+    (900.0, 1000.0, {"depth": 5}, ("fp32", 96, 5, 0.125)),        # typed flags win over the tuning
+    (None, None, {"precision": "bf16"}, ("bf16", 128, 6, 0.25)),  # typed precision: no probe
 ])
 def test_cpu_speedrun_fits_the_cpu_it_measures(bf16, fp32, typed, want, monkeypatch):
     monkeypatch.setattr(S, "probe_img_per_s", lambda cfg, precision: {"bf16": bf16, "fp32": fp32}[precision])
     cfg = S.resolve_config("cpu-speedrun", **typed)
     said = []
     fitted = S.fit_cpu_speedrun(cfg, set(typed), log=said.append)
-    assert (fitted.precision, fitted.depth, fitted.token_keep) == want
-    assert len(said) == 1 and said[0].startswith(f"cpu-speedrun: {want[0]}, depth {want[1]}")
+    assert (fitted.precision, fitted.width, fitted.depth, fitted.token_keep) == want
+    assert len(said) == 1 and said[0].startswith(f"cpu-speedrun: {want[0]}, width {want[1]}, depth {want[2]}")
 
 
 def test_cpu_probe_measures_a_training_step(one_thread):
