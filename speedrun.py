@@ -1847,8 +1847,8 @@ def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
     tuned = {k: v for k, v in CPU_TUNING[choice].items() if k not in typed}
     cfg = dataclasses.replace(cfg, **tuned)
     validate(cfg)
-    log(f"{cfg.variant}: {choice}, width {cfg.width}, depth {cfg.depth}, token share {cfg.token_keep:g}, batch "
-        f"{cfg.batch_size}: {why}")
+    log(f"{cfg.variant}: {choice}, width {cfg.width}, depth {cfg.depth}, token share "
+        f"{cfg.token_keep:g}, batch {cfg.batch_size}: {why}")
     return cfg
 
 
