@@ -1847,9 +1847,13 @@ def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
     tuned = {k: v for k, v in CPU_TUNING[choice].items() if k not in typed}
     cfg = dataclasses.replace(cfg, **tuned)
     validate(cfg)
-    log(f"{cfg.variant}: {choice}, width {cfg.width}, depth {cfg.depth}, token share "
-        f"{cfg.token_keep:g}, batch {cfg.batch_size}: {why}")
+    log(f"{cfg.variant}: {tuning_text(dataclasses.asdict(cfg))}, batch {cfg.batch_size}: {why}")
     return cfg
+
+
+def tuning_text(cfg: dict) -> str:
+    """What cpu-speedrun fits to a CPU, in the words of its start-up line and of record rows."""
+    return f"{cfg['precision']}, width {cfg['width']}, depth {cfg['depth']}, token share {cfg['token_keep']:g}"
 
 
 def cpu_recipe_note(cfg: Config, total_steps: int) -> Optional[str]:

@@ -100,7 +100,7 @@ def tuning_of(run_out: str) -> str:
     (cpu-speedrun) may choose differently from one run to the next."""
     with open(os.path.join(run_out, "config.json")) as f:
         cfg = json.load(f)
-    return f"{cfg['precision']}, width {cfg['width']}, depth {cfg['depth']}, token share {cfg['token_keep']:g}"
+    return speedrun.tuning_text(cfg)
 
 
 def markdown(report: dict) -> str:
