@@ -1853,7 +1853,8 @@ def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
 
 def tuning_text(cfg: dict) -> str:
     """What cpu-speedrun fits to a CPU, in the words of its start-up line and of record rows."""
-    return f"{cfg['precision']}, width {cfg['width']}, depth {cfg['depth']}, token share {cfg['token_keep']:g}"
+    return (f"{cfg['precision']}, width {cfg['width']}, depth {cfg['depth']}, "
+            f"token share {cfg['token_keep']:g}")
 
 
 def cpu_recipe_note(cfg: Config, total_steps: int) -> Optional[str]:
