@@ -1535,8 +1535,10 @@ class Budget:
     included, then ends with the budget. As in speedruns, the one-off compile and warm-up
     (Trainer.prepare: warmup_s, before this clock starts) are not part of the budget: it holds
     data, augmentation, training and evaluation. The final evaluation's reserve is one eval batch
-    timed 5 steps in (again 5 steps after the steps' cost changes), rescaled by each log window's
-    pace as the machine's speed drifts."""
+    timed 5 steps in, rescaled by each log window's pace as the machine's speed drifts. While a
+    rising token share makes steps dearer the reserve holds (the pace then says nothing of the
+    machine); 5 steps into the last share the batch is timed again. Each timing is the faster of
+    two passes, as one pass slowed by a neighbouring process overstates the reserve."""
 
     def __init__(self, cfg: Config, total: int, step: int, start_time: float, clock, time_eval,
                  world_size: int, warmup_s: float = 0.0):
@@ -1547,6 +1549,8 @@ class Budget:
         self.start = self.window_start = clock()
         self.window_step, self.timing_step = step, step + 5
         self.keep = cfg.token_keep  # the token share of the steps being timed
+        self.last_keep = keep_levels(cfg)[-1]  # the share the run ends on: timed again there
+        self.timed_keep = None  # the share whose pace the reserve follows
         self.shared = 0.0 if world_size > 1 else None  # rank 0's time share as of the last sync
         self.last_share = 0.0  # the share the last progress() used: the step's lr follows it
 
@@ -1558,19 +1562,21 @@ class Budget:
 
     def progress(self, step: int) -> float:
         # under torchrun: rank 0's time share as of the last sync, so that every rank computes
-        # the same learning rate and ends at the same step
-        self.last_share = self.share() if self.shared is None else self.shared
+        # the same learning rate and ends at the same step; never backwards, so that a re-timed
+        # reserve cannot return the run to a cheaper token share
+        share = self.share() if self.shared is None else self.shared
+        self.last_share = max(self.last_share, share)
         return min(max((step + 1) / self.total, self.last_share), 1.0)
 
     def before_step(self, step: int, keep: float) -> None:
-        if keep != self.keep and self.end is not None:
-            self.timing_step = step + 5  # the steps' cost changes: so does the reserve's pace
+        if keep != self.keep and keep == self.last_keep and self.end is not None:
+            self.timing_step = step + 5
         self.keep = keep
 
     def after_step(self, step: int) -> None:
         if self.end is not None and step == self.timing_step:
-            self.eval_s, self.eval_ips = self.time_eval(self.clock), None
-            self.reserve = 2.0 + self.eval_s
+            self.eval_s = min(self.time_eval(self.clock), self.time_eval(self.clock))
+            self.reserve, self.eval_ips, self.timed_keep = 2.0 + self.eval_s, None, self.keep
             self.window_start, self.window_step = self.clock(), step  # timing is no training
 
     def window(self, step: int, shared: float) -> float:
@@ -1579,7 +1585,7 @@ class Budget:
             self.shared = shared
         now = self.clock()
         ips = (step - self.window_step) * self.cfg.batch_size / max(now - self.window_start, 1e-9)
-        if self.end is not None and step > self.timing_step:
+        if self.end is not None and step > self.timing_step and self.keep == self.timed_keep:
             self.eval_ips = self.eval_ips or ips  # the pace when the eval batch was timed
             self.reserve = 2.0 + self.eval_s * self.eval_ips / max(ips, 1e-9)
         self.window_start, self.window_step = now, step

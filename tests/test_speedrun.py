@@ -359,7 +359,8 @@ def test_time_budget_schedule_ends_at_the_budget(real_archive, tmp_path):
 
 def fake_clock(monkeypatch, step_s, eval_s_per_image):
     """A clock that only training steps (step_s(token_keep) seconds each) and evaluations
-    (eval_s_per_image per image) move; returns it as a one-item list [now]."""
+    (eval_s_per_image per image, or eval_s_per_image(limit) for an evaluation of `limit` images)
+    move; returns it as a one-item list [now]."""
     now = [0.0]
     step, evaluate = S.Trainer.step, S.Trainer.evaluate
 
@@ -368,7 +369,8 @@ def fake_clock(monkeypatch, step_s, eval_s_per_image):
         return step(self, *args, token_keep=token_keep, **kwargs)
 
     def timed_evaluate(self, batch_size=1000, limit=None):
-        now[0] += eval_s_per_image * min(limit or 10 ** 9, self.data["test_x"].shape[0])
+        per_image = eval_s_per_image(limit) if callable(eval_s_per_image) else eval_s_per_image
+        now[0] += per_image * min(limit or 10 ** 9, self.data["test_x"].shape[0])
         return evaluate(self, batch_size, limit)
 
     monkeypatch.setattr(S.Trainer, "step", timed_step)
@@ -549,6 +551,32 @@ def test_full_token_tail_runs_last_and_the_run_still_ends_at_its_budget(real_arc
     assert set(keeps[:switch]) == {0.25} and set(keeps[switch:]) == {1.0}
     # a quarter of the training time at 4x the cost per step: about 1/13 of the steps
     assert 0.04 < (len(keeps) - switch) / len(keeps) < 0.12
+
+
+def test_a_rising_share_times_the_evaluation_at_its_start_and_last_share_only(real_archive,
+                                                                              tmp_path, monkeypatch):
+    """The preset's ramp of token shares: the final evaluation's reserve is timed 5 steps in and
+    5 steps into the last share, each time the faster of two passes, not at every share. A pass
+    slowed 5x (a neighbouring process) does not shorten the training: the run still ends close
+    to its budget, and its token share never falls back when the reserve is re-timed."""
+    keeps, passes = [], []
+
+    def eval_s_per_image(limit):
+        if limit is not None:  # a timing pass; the third is the slowed one
+            passes.append(limit)
+            return 0.005 if len(passes) == 3 else 0.001
+        return 0.001
+
+    now = fake_clock(monkeypatch, step_s=lambda keep: keeps.append(keep) or 0.04 * keep,
+                     eval_s_per_image=eval_s_per_image)
+    cfg = S.resolve_config("cpu-speedrun", width=32, depth=1, heads=2, patch_size=8, batch_size=32,
+                           time_budget=60.0, log_every=5, tta_flip=False, whiten=False,
+                           data=real_archive, out=str(tmp_path / "run"), precision="fp32",
+                           device="cpu")
+    summary = S.train(cfg, clock=lambda: now[0])
+    assert len(passes) == 4 and len(set(keeps)) == len(S.keep_levels(cfg)) > 2
+    assert all(a <= b for a, b in zip(keeps, keeps[1:]))
+    assert 60.0 - 3.0 < summary["total_s"] <= 60.0
 
 
 @pytest.mark.parametrize("bf16, fp32, typed, want", [
