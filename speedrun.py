@@ -1537,8 +1537,7 @@ class Budget:
     data, augmentation, training and evaluation. The final evaluation's reserve is one eval batch
     timed 5 steps in, rescaled by each log window's pace as the machine's speed drifts. While a
     rising token share makes steps dearer the reserve holds (the pace then says nothing of the
-    machine); 5 steps into the last share the batch is timed again. Each timing is the faster of
-    two passes, as one pass slowed by a neighbouring process overstates the reserve."""
+    machine); 5 steps into the last share the batch is timed again."""
 
     def __init__(self, cfg: Config, total: int, step: int, start_time: float, clock, time_eval,
                  world_size: int, warmup_s: float = 0.0):
@@ -1575,7 +1574,7 @@ class Budget:
 
     def after_step(self, step: int) -> None:
         if self.end is not None and step == self.timing_step:
-            self.eval_s = min(self.time_eval(self.clock), self.time_eval(self.clock))
+            self.eval_s = self.time_eval(self.clock)
             self.reserve, self.eval_ips, self.timed_keep = 2.0 + self.eval_s, None, self.keep
             self.window_start, self.window_step = self.clock(), step  # timing is no training
 
