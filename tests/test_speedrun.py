@@ -359,8 +359,7 @@ def test_time_budget_schedule_ends_at_the_budget(real_archive, tmp_path):
 
 def fake_clock(monkeypatch, step_s, eval_s_per_image):
     """A clock that only training steps (step_s(token_keep) seconds each) and evaluations
-    (eval_s_per_image per image, or eval_s_per_image(limit) for an evaluation of `limit` images)
-    move; returns it as a one-item list [now]."""
+    (eval_s_per_image per image) move; returns it as a one-item list [now]."""
     now = [0.0]
     step, evaluate = S.Trainer.step, S.Trainer.evaluate
 
@@ -369,8 +368,7 @@ def fake_clock(monkeypatch, step_s, eval_s_per_image):
         return step(self, *args, token_keep=token_keep, **kwargs)
 
     def timed_evaluate(self, batch_size=1000, limit=None):
-        per_image = eval_s_per_image(limit) if callable(eval_s_per_image) else eval_s_per_image
-        now[0] += per_image * min(limit or 10 ** 9, self.data["test_x"].shape[0])
+        now[0] += eval_s_per_image * min(limit or 10 ** 9, self.data["test_x"].shape[0])
         return evaluate(self, batch_size, limit)
 
     monkeypatch.setattr(S.Trainer, "step", timed_step)
@@ -559,14 +557,11 @@ def test_a_rising_share_times_the_evaluation_at_its_start_and_last_share_only(re
     5 steps into the last share, not at every share; the run ends close to its budget, and its
     token share never falls back when the reserve is re-timed."""
     keeps, passes = [], []
-
-    def eval_s_per_image(limit):
-        if limit is not None:  # a timing pass
-            passes.append(limit)
-        return 0.001
-
     now = fake_clock(monkeypatch, step_s=lambda keep: keeps.append(keep) or 0.04 * keep,
-                     eval_s_per_image=eval_s_per_image)
+                     eval_s_per_image=0.001)
+    time_eval = S.Trainer.time_eval
+    monkeypatch.setattr(S.Trainer, "time_eval",
+                        lambda self, clock: passes.append(clock()) or time_eval(self, clock))
     cfg = S.resolve_config("cpu-speedrun", width=32, depth=1, heads=2, patch_size=8, batch_size=32,
                            time_budget=60.0, log_every=5, tta_flip=False, whiten=False,
                            data=real_archive, out=str(tmp_path / "run"), precision="fp32",
