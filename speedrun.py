@@ -1813,40 +1813,45 @@ def finish(trainer: "Trainer", run: RunFolder, meter: Meter, step: int, start_ti
 # ----------------------------------------------------------------------------------------------
 # Fitting the CPU speedrun to the CPU at hand
 
-def probe_img_per_s(cfg: Config, precision: str, steps: int = 6, seconds: float = 2.0) -> float:
-    """Training images/s of cfg's model in `precision` on this CPU: its fastest of a few eager
-    steps on synthetic images (after two untimed ones), the fastest as the least disturbed by
-    other work on the machine; at most `seconds` of timed steps."""
+def probe_img_per_s(cfg: Config, precisions=("bf16", "fp32"), steps: int = 6,
+                    seconds: float = 4.0, clock=time.monotonic) -> dict:
+    """Training images/s of cfg's model in each precision on this CPU, on synthetic images. The
+    precisions take turns step by step after two untimed steps each, so a slow phase of the
+    machine (it drifts up to 2x within minutes) falls on all of them rather than on whichever
+    ran first; each keeps its fastest step, the least disturbed. At most `seconds` of steps."""
     g = torch.Generator().manual_seed(0)
     n = 2 * cfg.batch_size
     data = {"train_x": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
             "train_y": torch.randint(0, NUM_CLASSES, (n,), generator=g),
             "test_x": torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "test_y": torch.zeros(1).long()}
-    probe = dataclasses.replace(cfg, precision=precision, compile="off", whiten=False,
-                                time_budget=0.0, max_steps=steps + 2, device="cpu")
-    trainer = Trainer(probe, data, torch.device("cpu"))
-    trainer.step(0), trainer.step(1)
-    times, start = [], time.monotonic()
+    trainers = {p: Trainer(dataclasses.replace(cfg, precision=p, compile="off", whiten=False,
+                                               time_budget=0.0, max_steps=steps + 2, device="cpu"),
+                           data, torch.device("cpu")) for p in precisions}
+    for trainer in trainers.values():
+        trainer.step(0), trainer.step(1)
+    fastest, start = dict.fromkeys(precisions, math.inf), clock()
     for s in range(2, steps + 2):
-        t = time.monotonic()
-        trainer.step(s)
-        times.append(time.monotonic() - t)
-        if time.monotonic() - start > seconds and len(times) >= 2:
+        for p, trainer in trainers.items():
+            t = clock()
+            trainer.step(s)
+            fastest[p] = min(fastest[p], clock() - t)
+        if clock() - start > seconds and s >= 3:
             break
-    return cfg.batch_size / min(times)
+    return {p: cfg.batch_size / t for p, t in fastest.items()}
 
 
 def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
     """cpu-speedrun on a CPU: bf16 with the preset's tuning where bf16 trains faster than fp32
-    (matrix units), else fp32 with cheaper images; measured in a probe of a second or
-    two, which the time budget counts. Flags the user typed win over both."""
+    (matrix units), else fp32 with cheaper images; measured in a probe of a few seconds,
+    which the time budget counts. Flags the user typed win over both."""
     if "precision" in typed and cfg.precision != "auto":
         choice, why = cfg.precision, "as --precision asks"
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process must choose alike
         choice = "bf16" if cpu_has_bf16_units() else "fp32"
         why = "from the CPU's flags (under torchrun processes do not probe)"
     else:
-        bf16, fp32 = probe_img_per_s(cfg, "bf16"), probe_img_per_s(cfg, "fp32")
+        speed = probe_img_per_s(cfg)
+        bf16, fp32 = speed["bf16"], speed["fp32"]
         choice = "bf16" if bf16 >= CPU_BF16_LEAD * fp32 else "fp32"
         why = f"bf16 trains it at {bf16:,.0f} img/s, fp32 at {fp32:,.0f} (x{bf16 / fp32:.2f})"
     tuned = {k: v for k, v in CPU_TUNING[choice].items() if k not in typed}

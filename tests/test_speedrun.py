@@ -580,7 +580,7 @@ def test_a_rising_share_times_the_evaluation_at_its_start_and_last_share_only(re
     (None, None, {"precision": "bf16"}, ("bf16", 128, 6, 0.25)),  # typed precision: no probe
 ])
 def test_cpu_speedrun_fits_the_cpu_it_measures(bf16, fp32, typed, want, monkeypatch):
-    monkeypatch.setattr(S, "probe_img_per_s", lambda cfg, precision: {"bf16": bf16, "fp32": fp32}[precision])
+    monkeypatch.setattr(S, "probe_img_per_s", lambda cfg: {"bf16": bf16, "fp32": fp32})
     cfg = S.resolve_config("cpu-speedrun", **typed)
     said = []
     fitted = S.fit_cpu_speedrun(cfg, set(typed), log=said.append)
@@ -590,7 +590,20 @@ def test_cpu_speedrun_fits_the_cpu_it_measures(bf16, fp32, typed, want, monkeypa
 
 def test_cpu_probe_measures_a_training_step(one_thread):
     cfg = S.resolve_config("cpu-speedrun", width=32, depth=1, heads=2, batch_size=16)
-    assert S.probe_img_per_s(cfg, "fp32", steps=2) > 0
+    speed = S.probe_img_per_s(cfg, steps=2)
+    assert set(speed) == {"bf16", "fp32"} and all(v > 0 for v in speed.values())
+
+
+def test_cpu_probe_is_not_fooled_by_a_slow_phase_of_the_machine(one_thread, monkeypatch):
+    # a bf16 step costs 0.1 s and an fp32 step 0.15 s, but the machine runs 3x slower for its
+    # first 3 s: probed one precision after the other, bf16 would fall wholly in the slow
+    # phase and look slower than fp32 (this once chose fp32 on a CPU where bf16 is 1.4x faster)
+    now = [0.0]
+    monkeypatch.setattr(S.Trainer, "step", lambda self, s: now.__setitem__(
+        0, now[0] + {"bf16": 0.1, "fp32": 0.15}[self.cfg.precision] * (3 if now[0] < 3.0 else 1)))
+    cfg = S.resolve_config("cpu-speedrun", width=32, depth=1, heads=2, batch_size=16)
+    speed = S.probe_img_per_s(cfg, clock=lambda: now[0])
+    assert speed["bf16"] == pytest.approx(16 / 0.1) and speed["fp32"] == pytest.approx(16 / 0.15)
 
 
 def test_a_paper_recipe_on_a_cpu_says_how_long_and_what_to_run_instead():
