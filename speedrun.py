@@ -1544,7 +1544,7 @@ class Budget:
         self.cfg, self.total, self.clock, self.time_eval = cfg, total, clock, time_eval
         self.start_time, self.warmup_s = start_time, warmup_s
         self.end = start_time + warmup_s + cfg.time_budget if cfg.time_budget else None
-        self.reserve, self.eval_s, self.eval_ips = 0.0, 0.0, None
+        self.reserve, self.eval_s, self.eval_ips, self.ips = 0.0, 0.0, None, 0.0
         self.start = self.window_start = clock()
         self.window_step, self.timing_step = step, step + 5
         self.keep = cfg.token_keep  # the token share of the steps being timed
@@ -1582,12 +1582,14 @@ class Budget:
         """At a log step: the images/s since the last one; the reserve follows that pace."""
         if self.shared is not None:
             self.shared = shared
+        if step == self.window_step:  # the eval batch was timed at this very step: no window
+            return self.ips
         now = self.clock()
         ips = (step - self.window_step) * self.cfg.batch_size / max(now - self.window_start, 1e-9)
         if self.end is not None and step > self.timing_step and self.keep == self.timed_keep:
             self.eval_ips = self.eval_ips or ips  # the pace when the eval batch was timed
             self.reserve = 2.0 + self.eval_s * self.eval_ips / max(ips, 1e-9)
-        self.window_start, self.window_step = now, step
+        self.window_start, self.window_step, self.ips = now, step, ips
         return ips
 
     def eta(self, progress: float) -> float:

@@ -572,6 +572,22 @@ def test_a_rising_share_times_the_evaluation_at_its_start_and_last_share_only(re
     assert 60.0 - 3.0 < summary["total_s"] <= 60.0
 
 
+def test_a_log_step_on_the_eval_timing_step_reports_the_last_pace_not_zero():
+    # the eval batch is timed after step 5, which restarts the log window there: a log at
+    # that same step has no steps of its own to measure and printed 0 img/s
+    now = [0.0]
+    cfg = S.resolve_config("cpu-speedrun", batch_size=128, time_budget=60.0)
+    budget = S.Budget(cfg, total=100, step=0, start_time=0.0, clock=lambda: now[0],
+                      time_eval=lambda clock: 0.5, world_size=1)
+    paces = []
+    for step in range(1, 9):
+        budget.before_step(step, cfg.token_keep)
+        now[0] += 0.1
+        budget.after_step(step)
+        paces.append(budget.window(step, 0.0))
+    assert paces == pytest.approx([1280.0] * 8)
+
+
 @pytest.mark.parametrize("bf16, fp32, typed, want", [
     (2000.0, 1000.0, {}, ("bf16", 128, 6, 0.25)),                 # matrix units: bf16 and the preset
     (1100.0, 1000.0, {}, ("bf16", 128, 6, 0.25)),                 # bf16 a little faster: still bf16
