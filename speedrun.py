@@ -1789,9 +1789,10 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
 def finish(trainer: "Trainer", run: RunFolder, meter: Meter, step: int, start_time: float,
            log) -> dict:
     """The final evaluation, the summary record and file, and the last line printed."""
-    cfg, wall = trainer.cfg, meter.elapsed()
+    cfg, wall, eval_start = trainer.cfg, meter.elapsed(), meter.budget.clock()
     with StopRequest(at_once=True):  # the checkpoint is in place: a signal stops at once
         result = meter.evaluation(step)
+    eval_s = meter.budget.clock() - eval_start
     best, best_epoch = meter.evals.best["best_test_acc"], meter.evals.best["best_epoch"]
     summary = {"variant": cfg.variant, "test_acc": round(result["test_acc"], 2),
                "test_loss": round(result["test_loss"], 4),
@@ -1799,6 +1800,8 @@ def finish(trainer: "Trainer", run: RunFolder, meter: Meter, step: int, start_ti
                "steps": step, "skipped": meter.skipped, "compiled": trainer.compiled,
                "train_s": round(wall, 1), "warmup_s": round(meter.budget.warmup_s, 1),
                "timed_s": round(meter.budget.timed_s(), 1),
+               # what the budget kept back for the final evaluation, and what it took
+               "eval_reserve_s": round(meter.budget.reserve, 1), "eval_s": round(eval_s, 1),
                "total_s": round(meter.budget.clock() - start_time, 1),
                "img_per_s": round(step * cfg.batch_size / max(wall, 1e-9), 1), "out": run.out}
     run.record("summary", **summary)

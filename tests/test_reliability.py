@@ -29,7 +29,8 @@ TINY = ["--width", "32", "--depth", "1", "--heads", "2", "--patch-size", "8", "-
         "--passes-per-epoch", "1", "--epochs", "3", "--warmup-epochs", "1", "--eval-every", "1",
         "--log-every", "1", "--no-autoaugment", "--device", "cpu"]
 # what differs between two identical runs: wall-clock figures and the folder
-TIMING_KEYS = {"img_per_s", "elapsed", "train_s", "warmup_s", "timed_s", "total_s", "out"}
+TIMING_KEYS = {"img_per_s", "elapsed", "train_s", "warmup_s", "timed_s", "total_s", "eval_s",
+               "out"}
 
 
 # one intra-op thread: faster than two on a shared 2-core machine, and the same in every run

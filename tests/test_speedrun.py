@@ -570,6 +570,8 @@ def test_a_rising_share_times_the_evaluation_at_its_start_and_last_share_only(re
     assert len(passes) == 2 and len(set(keeps)) == len(S.keep_levels(cfg)) > 2
     assert all(a <= b for a, b in zip(keeps, keeps[1:]))
     assert 60.0 - 3.0 < summary["total_s"] <= 60.0
+    # 10,000 test images at 1 ms each, and what was kept back for them: 2 s more
+    assert summary["eval_s"] == pytest.approx(10.0) and summary["eval_reserve_s"] == pytest.approx(12.0)
 
 
 def test_a_log_step_on_the_eval_timing_step_reports_the_last_pace_not_zero():
