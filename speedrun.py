@@ -1535,9 +1535,10 @@ class Budget:
     included, then ends with the budget. As in speedruns, the one-off compile and warm-up
     (Trainer.prepare: warmup_s, before this clock starts) are not part of the budget: it holds
     data, augmentation, training and evaluation. The final evaluation's reserve is one eval batch
-    timed 5 steps in, rescaled by each log window's pace as the machine's speed drifts. While a
-    rising token share makes steps dearer the reserve holds (the pace then says nothing of the
-    machine); 5 steps into the last share the batch is timed again."""
+    timed 5 steps in, rescaled by each log window's pace against the first whole window after
+    the timing, as the machine's speed drifts. While a rising token share makes steps dearer the
+    reserve holds (the pace then says nothing of the machine); 5 steps into the last share the
+    batch is timed again."""
 
     def __init__(self, cfg: Config, total: int, step: int, start_time: float, clock, time_eval,
                  world_size: int, warmup_s: float = 0.0):
@@ -1586,8 +1587,12 @@ class Budget:
             return self.ips
         now = self.clock()
         ips = (step - self.window_step) * self.cfg.batch_size / max(now - self.window_start, 1e-9)
-        if self.end is not None and step > self.timing_step and self.keep == self.timed_keep:
-            self.eval_ips = self.eval_ips or ips  # the pace when the eval batch was timed
+        # the pace when the eval batch was timed: that of the first whole log window after it,
+        # not of the few steps left to the next log step (noisy, and a few % fast after an
+        # evaluation)
+        if (self.end is not None and self.window_step > self.timing_step
+                and self.keep == self.timed_keep):
+            self.eval_ips = self.eval_ips or ips
             self.reserve = 2.0 + self.eval_s * self.eval_ips / max(ips, 1e-9)
         self.window_start, self.window_step, self.ips = now, step, ips
         return ips

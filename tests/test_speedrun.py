@@ -590,6 +590,23 @@ def test_a_log_step_on_the_eval_timing_step_reports_the_last_pace_not_zero():
     assert paces == pytest.approx([1280.0] * 8)
 
 
+def test_the_reserve_follows_the_pace_of_a_whole_window_not_the_steps_after_the_timing():
+    # the eval batch (1 s) is timed after step 5; the 5 steps from there to the log step at 10
+    # run twice as fast as the rest (as steps just after an evaluation can): the machine has not
+    # sped up, so the reserve stays 2 s + 1 s rather than doubling the evaluation
+    now = [0.0]
+    cfg = S.resolve_config("cpu-speedrun", batch_size=128, time_budget=60.0)
+    budget = S.Budget(cfg, total=1000, step=0, start_time=0.0, clock=lambda: now[0],
+                      time_eval=lambda clock: 1.0, world_size=1)
+    for step in range(1, 31):
+        budget.before_step(step - 1, cfg.token_keep)
+        now[0] += 0.05 if 5 < step <= 10 else 0.1
+        budget.after_step(step)
+        if step % 10 == 0:
+            budget.window(step, 0.0)
+    assert budget.reserve == pytest.approx(3.0)
+
+
 @pytest.mark.parametrize("bf16, fp32, typed, want", [
     (2000.0, 1000.0, {}, ("bf16", 128, 6, 0.25)),                 # matrix units: bf16 and the preset
     (1100.0, 1000.0, {}, ("bf16", 128, 6, 0.25)),                 # bf16 a little faster: still bf16
