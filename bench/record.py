@@ -146,11 +146,14 @@ def run(argv=None) -> int:
             summary = json.load(f)
         report["runs"].append({"seed": seed, "test_acc": summary["test_acc"], "steps": summary["steps"],
                                "total_s": summary["total_s"], "img_per_s": summary["img_per_s"],
+                               "eval_s": summary["eval_s"], "eval_reserve_s": summary["eval_reserve_s"],
                                "tuning": tuning_of(run_out)})
         spent = time.monotonic() - started
         eta = spent / (seed + 1) * (args.seeds - seed - 1)
-        print(f"  seed {seed}: {summary['test_acc']:.2f} % in {summary['total_s']:.1f} s, "
-              f"{summary['steps']:,} steps, {report['runs'][-1]['tuning']} | ETA {eta / 60:.1f} min",
+        print(f"  seed {seed}: {summary['test_acc']:.2f} % in {summary['total_s']:.1f} s "
+              f"(final evaluation {summary['eval_s']:.1f} s of {summary['eval_reserve_s']:.1f} s kept "
+              f"for it), {summary['steps']:,} steps, {report['runs'][-1]['tuning']} | "
+              f"ETA {eta / 60:.1f} min",
               flush=True)
     report["stats"] = statistics_of([r["test_acc"] for r in report["runs"]], args.target)
     report["command"] = shlex.join(["python", "bench/record.py"] + (argv if argv is not None else sys.argv[1:]))

@@ -256,6 +256,8 @@ def test_record_runs_each_seed_as_a_user_would_and_writes_the_row(tiny_cifar, tm
     # what each run trained, from its config.json: fp32, width 32, depth 1, all tokens, both runs
     assert all(r["tuning"] == "fp32, width 32, depth 1, token share 1" for r in report["runs"])
     assert "| baseline (fp32, width 32, depth 1, token share 1 ×2) |" in row
+    # what the budget kept back for each final evaluation (2 s more than one batch predicts)
+    assert all(r["eval_reserve_s"] >= 2.0 and r["eval_s"] >= 0.0 for r in report["runs"])
     assert "seed 1:" in capsys.readouterr().out
 
 
