@@ -1535,17 +1535,17 @@ class Budget:
     included, then ends with the budget. As in speedruns, the one-off compile and warm-up
     (Trainer.prepare: warmup_s, before this clock starts) are not part of the budget: it holds
     data, augmentation, training and evaluation. The final evaluation's reserve is one eval batch
-    timed 5 steps in, rescaled by each log window's pace against the first whole window after
-    the timing, as the machine's speed drifts. While a rising token share makes steps dearer the
-    reserve holds (the pace then says nothing of the machine); 5 steps into the last share the
-    batch is timed again."""
+    timed 5 steps in, rescaled by each log window's pace against the first window that starts
+    after the timing, as the machine's speed drifts. While a rising token share makes steps
+    dearer the reserve holds (the pace then says nothing of the machine); 5 steps into the last
+    share the batch is timed again."""
 
     def __init__(self, cfg: Config, total: int, step: int, start_time: float, clock, time_eval,
                  world_size: int, warmup_s: float = 0.0):
         self.cfg, self.total, self.clock, self.time_eval = cfg, total, clock, time_eval
         self.start_time, self.warmup_s = start_time, warmup_s
         self.end = start_time + warmup_s + cfg.time_budget if cfg.time_budget else None
-        self.reserve, self.eval_s, self.eval_ips, self.ips = 0.0, 0.0, None, 0.0
+        self.reserve, self.eval_s, self.eval_ips = 0.0, 0.0, None
         self.start = self.window_start = clock()
         self.window_step, self.timing_step = step, step + 5
         self.keep = cfg.token_keep  # the token share of the steps being timed
@@ -1575,26 +1575,25 @@ class Budget:
 
     def after_step(self, step: int) -> None:
         if self.end is not None and step == self.timing_step:
+            start = self.clock()
             self.eval_s = self.time_eval(self.clock)
             self.reserve, self.eval_ips, self.timed_keep = 2.0 + self.eval_s, None, self.keep
-            self.window_start, self.window_step = self.clock(), step  # timing is no training
+            self.window_start += self.clock() - start  # timing is no training
 
     def window(self, step: int, shared: float) -> float:
         """At a log step: the images/s since the last one; the reserve follows that pace."""
         if self.shared is not None:
             self.shared = shared
-        if step == self.window_step:  # the eval batch was timed at this very step: no window
-            return self.ips
         now = self.clock()
         ips = (step - self.window_step) * self.cfg.batch_size / max(now - self.window_start, 1e-9)
-        # the pace when the eval batch was timed: that of the first whole log window after it,
-        # not of the few steps left to the next log step (noisy, and a few % fast after an
-        # evaluation)
-        if (self.end is not None and self.window_step > self.timing_step
+        # the pace when the eval batch was timed: that of the first log window that starts at
+        # or after it, not of the window holding it (its steps after the timing are few, noisy
+        # and a few % fast after an evaluation; those before may be of another token share)
+        if (self.end is not None and self.window_step >= self.timing_step
                 and self.keep == self.timed_keep):
             self.eval_ips = self.eval_ips or ips
             self.reserve = 2.0 + self.eval_s * self.eval_ips / max(ips, 1e-9)
-        self.window_start, self.window_step, self.ips = now, step, ips
+        self.window_start, self.window_step = now, step
         return ips
 
     def eta(self, progress: float) -> float:

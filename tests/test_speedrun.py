@@ -575,8 +575,8 @@ def test_a_rising_share_times_the_evaluation_at_its_start_and_last_share_only(re
 
 
 def test_a_log_step_on_the_eval_timing_step_reports_the_last_pace_not_zero():
-    # the eval batch is timed after step 5, which restarts the log window there: a log at
-    # that same step has no steps of its own to measure and printed 0 img/s
+    # the eval batch is timed after step 5: a log at that same step once measured an empty
+    # window (the timing restarted it) and printed 0 img/s; the timing's seconds are no training
     now = [0.0]
     cfg = S.resolve_config("cpu-speedrun", batch_size=128, time_budget=60.0)
     budget = S.Budget(cfg, total=100, step=0, start_time=0.0, clock=lambda: now[0],
