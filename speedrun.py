@@ -620,14 +620,23 @@ class Lion(torch.optim.Optimizer):
             torch._foreach_lerp_(momenta, grads, 1 - beta2)
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+# Polar Express (Amsel et al. 2025, arXiv:2505.16932): a quintic per iteration, each fitted for
+# the singular values the previous ones leave; their 5-step table for a 2 % safety factor
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def newton_schulz(G: torch.Tensor) -> torch.Tensor:
     """The nearest semi-orthogonal matrix to each of the (n, r, c) stack G of wide matrices
-    (r <= c: XX^T is then the small product), approximately: a quintic Newton-Schulz iteration
-    whose coefficients (Jordan et al. 2024) push every singular value into about [0.7, 1.2] in
-    five steps; bf16 where matmuls are fast in it."""
-    X = G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1
-    a, b, c = 3.4445, -4.7750, 2.0315
-    for _ in range(steps):  # X <- aX + (bA + cA^2)X, A = XX^T: the scalings fused into the products
+    (r <= c: XX^T is then the small product), approximately: five Newton-Schulz iterations with
+    Polar Express's coefficients, which leave a gradient's spread of singular values nearer 1
+    than the one fixed quintic of Jordan et al. 2024 did (median 0.93 against 0.74) in the
+    same five steps; bf16 where matmuls are fast in it."""
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-7)  # singular values <= 1/1.02
+    for a, b, c in POLAR_EXPRESS:  # X <- aX + (bA + cA^2)X, A = XX^T: scalings fused into products
         A = X @ X.transpose(-2, -1)
         X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
     return X

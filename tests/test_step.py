@@ -138,6 +138,26 @@ def test_muon_orthogonalises_the_matrices_and_runs_adamw_on_the_rest():
             assert torch.nn.functional.cosine_similarity(step.flatten(), (u @ vh).flatten(), 0) > 0.95
 
 
+def test_newton_schulz_pushes_a_gradients_spread_of_singular_values_near_one():
+    """A gradient's singular values span decades; after the five steps most of them sit near 1
+    (the fixed quintic of Jordan et al. 2024 left the median at 0.74), none above 1.2, and
+    the result is nearer the exact polar factor (cosine 0.89-0.90; the quintic 0.85-0.86)."""
+    torch.manual_seed(0)
+    stack = []
+    for _ in range(3):
+        u = torch.linalg.qr(torch.randn(64, 64))[0]
+        v = torch.linalg.qr(torch.randn(192, 64))[0]
+        stack.append((u * torch.logspace(0, -4, 64)) @ v.T)
+    G = torch.stack(stack)
+    for dtype in (torch.float32, torch.bfloat16):
+        X = S.newton_schulz(G.to(dtype)).float()
+        sv = torch.linalg.svdvals(X)
+        assert sv.median() > 0.85 and sv.max() < 1.2, (dtype, sv.median(), sv.max())
+        polar = torch.stack([u @ vh for u, _, vh in (torch.linalg.svd(g, full_matrices=False)
+                                                       for g in G)])
+        assert torch.nn.functional.cosine_similarity(X.flatten(1), polar.flatten(1)).min() > 0.87
+
+
 def test_learning_rate_is_computed_on_the_device_from_the_counter(data):
     """The lr the step used is lr_at(the step's progress), as the host logs it."""
     cfg = S.resolve_config("baseline", **TINY, max_steps=10, warmup_epochs=30)
