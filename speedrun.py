@@ -1545,7 +1545,7 @@ class Budget:
     (Trainer.prepare: warmup_s, before this clock starts) are not part of the budget: it holds
     data, augmentation, training and evaluation. The final evaluation's reserve is one eval batch
     timed 5 steps in, rescaled by each log window's pace against the first window that starts
-    after the timing, as the machine's speed drifts. While a rising token share makes steps
+    at or after the timing, as the machine's speed drifts. While a rising token share makes steps
     dearer the reserve holds (the pace then says nothing of the machine); 5 steps into the last
     share the batch is timed again."""
 
@@ -1554,7 +1554,7 @@ class Budget:
         self.cfg, self.total, self.clock, self.time_eval = cfg, total, clock, time_eval
         self.start_time, self.warmup_s = start_time, warmup_s
         self.end = start_time + warmup_s + cfg.time_budget if cfg.time_budget else None
-        self.reserve, self.eval_s, self.eval_ips = 0.0, 0.0, None
+        self.reserve, self.eval_predicted_s, self.eval_ips = 0.0, 0.0, None
         self.start = self.window_start = clock()
         self.window_step, self.timing_step = step, step + 5
         self.keep = cfg.token_keep  # the token share of the steps being timed
@@ -1585,8 +1585,8 @@ class Budget:
     def after_step(self, step: int) -> None:
         if self.end is not None and step == self.timing_step:
             start = self.clock()
-            self.eval_s = self.time_eval(self.clock)
-            self.reserve, self.eval_ips, self.timed_keep = 2.0 + self.eval_s, None, self.keep
+            self.eval_predicted_s = self.time_eval(self.clock)  # the summary's eval_s is measured
+            self.reserve, self.eval_ips, self.timed_keep = 2.0 + self.eval_predicted_s, None, self.keep
             self.window_start += self.clock() - start  # timing is no training
 
     def window(self, step: int, shared: float) -> float:
@@ -1601,7 +1601,7 @@ class Budget:
         if (self.end is not None and self.window_step >= self.timing_step
                 and self.keep == self.timed_keep):
             self.eval_ips = self.eval_ips or ips
-            self.reserve = 2.0 + self.eval_s * self.eval_ips / max(ips, 1e-9)
+            self.reserve = 2.0 + self.eval_predicted_s * self.eval_ips / max(ips, 1e-9)
         self.window_start, self.window_step = now, step
         return ips
 
