@@ -1549,6 +1549,8 @@ class Budget:
     dearer the reserve holds (the pace then says nothing of the machine); 5 steps into the last
     share the batch is timed again."""
 
+    EVAL_SLACK_S = 2.0  # kept beyond the predicted final evaluation, as one batch's timing is noisy
+
     def __init__(self, cfg: Config, total: int, step: int, start_time: float, clock, time_eval,
                  world_size: int, warmup_s: float = 0.0):
         self.cfg, self.total, self.clock, self.time_eval = cfg, total, clock, time_eval
@@ -1586,7 +1588,8 @@ class Budget:
         if self.end is not None and step == self.timing_step:
             start = self.clock()
             self.eval_predicted_s = self.time_eval(self.clock)  # the summary's eval_s is measured
-            self.reserve, self.eval_ips, self.timed_keep = 2.0 + self.eval_predicted_s, None, self.keep
+            self.reserve = self.EVAL_SLACK_S + self.eval_predicted_s
+            self.eval_ips, self.timed_keep = None, self.keep
             self.window_start += self.clock() - start  # timing is no training
 
     def window(self, step: int, shared: float) -> float:
@@ -1601,7 +1604,8 @@ class Budget:
         if (self.end is not None and self.window_step >= self.timing_step
                 and self.keep == self.timed_keep):
             self.eval_ips = self.eval_ips or ips
-            self.reserve = 2.0 + self.eval_predicted_s * self.eval_ips / max(ips, 1e-9)
+            slowdown = self.eval_ips / max(ips, 1e-9)  # since the timing
+            self.reserve = self.EVAL_SLACK_S + self.eval_predicted_s * slowdown
         self.window_start, self.window_step = now, step
         return ips
 
