@@ -1588,9 +1588,14 @@ class Budget:
         if self.end is not None and step == self.timing_step:
             start = self.clock()
             self.eval_predicted_s = self.time_eval(self.clock)  # the summary's eval_s is measured
-            self.reserve = self.EVAL_SLACK_S + self.eval_predicted_s
+            self.set_reserve(slowdown=1.0)
             self.eval_ips, self.timed_keep = None, self.keep
             self.window_start += self.clock() - start  # timing is no training
+
+    def set_reserve(self, slowdown: float):
+        """Time kept for the final evaluation: its timing, scaled by how much slower the
+        training steps have run since it was taken, plus the slack."""
+        self.reserve = self.EVAL_SLACK_S + self.eval_predicted_s * slowdown
 
     def window(self, step: int, shared: float) -> float:
         """At a log step: the images/s since the last one; the reserve follows that pace."""
@@ -1604,8 +1609,7 @@ class Budget:
         if (self.end is not None and self.window_step >= self.timing_step
                 and self.keep == self.timed_keep):
             self.eval_ips = self.eval_ips or ips
-            slowdown = self.eval_ips / max(ips, 1e-9)  # since the timing
-            self.reserve = self.EVAL_SLACK_S + self.eval_predicted_s * slowdown
+            self.set_reserve(slowdown=self.eval_ips / max(ips, 1e-9))
         self.window_start, self.window_step = now, step
         return ips
 
