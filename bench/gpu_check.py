@@ -176,7 +176,9 @@ def one_epoch(cfg, steps: int, out: str) -> dict:
     recipe = speedrun.resolve_config(cfg.variant)  # its own batch size (the reduced form's is 64)
     total = speedrun.data_gpu.steps_for(recipe.epochs, recipe.batch_size, 50_000,
                                         recipe.passes_per_epoch, recipe.drop_last)
-    image_s = summary["train_s"] / (summary["steps"] * cfg.batch_size)
+    # from img/s, which the summary takes from the unrounded wall time: train_s is rounded to
+    # 0.1 s, and a few tiny steps on a fast CPU round to 0.0
+    image_s = 1 / max(summary["img_per_s"], 1e-9)
     eval_s = max(summary["timed_s"] - summary["train_s"], 0.0)  # the final evaluation (+ start-up)
     evaluations = math.ceil(recipe.epochs / recipe.eval_every)
     full = summary["warmup_s"] + total * recipe.batch_size * image_s + evaluations * eval_s
