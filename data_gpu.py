@@ -401,8 +401,12 @@ _CONSTS = {}
 def device_constants(device, size=(32, 32)):
     """Per-device (and image size) constants, built once: the hot path never copies from the host.
     (A plain dict, not lru_cache: a compiled graph reads it; torch.compile would retrace a cached
-    function's body.)"""
-    key = (torch.device(device), tuple(size))
+    function's body.) "cuda" and "cuda:0" share one entry: an entry built for the first would
+    be missed by a compiled graph on the second, which would then build it under tracing."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, tuple(size))
     if key not in _CONSTS:
         _CONSTS[key] = _build_constants(*key)
     return _CONSTS[key]

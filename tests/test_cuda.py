@@ -71,6 +71,17 @@ def test_compiled_and_eager_losses_agree():
     assert losses["on"] == pytest.approx(losses["off"], rel=2e-2)
 
 
+def test_a_compiled_step_can_come_first_in_a_process():
+    """The trainer builds the augmentation's constants for torch.device("cuda"); the compiled step
+    reads them for the batch's device, cuda:0. Both must be one entry, or the graph builds them
+    under tracing (torch 2.11's Dynamo refused to, on an H200, when no eager step came first)."""
+    import data_gpu
+    data_gpu._CONSTS.clear()
+    t = trainer("mcls", compile="on")
+    t.step(0)
+    assert all(key[0].index is not None for key in data_gpu._CONSTS)
+
+
 def test_no_recompiles_after_warm_up():
     """prepare() builds training at both token shares and evaluation (and records the steps as
     CUDA graphs); the run then builds nothing."""
