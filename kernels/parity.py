@@ -106,13 +106,18 @@ def check(kind, shape, dtype_name, mode, device) -> dict:
 
 
 def sweep(device, quick: bool = False) -> list:
-    """check() for every configuration, on the Triton kernels; the backend is put back after."""
-    before = get_backend()
+    """check() for every configuration, on the Triton kernels; the backend and the TF32 switch
+    are put back after. The wrappers' own torch matmuls (weight gradients, the latent of the
+    low-rank query) must run in true fp32 here: a trainer in the same process turns TF32 on, and
+    TF32's 1e-3 would fail the fp32 comparisons (seen on an H200 after a training run)."""
+    before, tf32 = get_backend(), torch.backends.cuda.matmul.allow_tf32
     set_backend("triton")
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
         return [check(*c, torch.device(device)) for c in configs(quick)]
     finally:
         set_backend(before)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def main(argv=None) -> int:

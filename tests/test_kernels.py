@@ -463,3 +463,15 @@ def test_parity_sweep_covers_what_the_variants_use_and_catches_a_wrong_kernel(mo
         assert row["ok"], row
     monkeypatch.setattr(parity, "attention", lambda *a: flash_attn.attention_math(*a) * 1.001)
     assert not parity.check("attention", (1, 2, 65, 65, 16), "fp32", "off", torch.device("cpu"))["ok"]
+
+
+def test_parity_sweep_compares_in_true_fp32_and_puts_tf32_back(monkeypatch):
+    """A trainer in the same process turns TF32 on; the sweep's fp32 checks must not inherit it
+    (on an H200 they failed at 1e-3 after a training run), and the switch is restored after."""
+    from kernels import parity
+    seen = []
+    monkeypatch.setattr(parity, "check", lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32) or {})
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    parity.sweep("cpu", quick=True)
+    assert seen and not any(seen)
+    assert torch.backends.cuda.matmul.allow_tf32 is True
