@@ -300,3 +300,36 @@ def test_gpu_check_reduced_form_on_cpu(tiny_cifar, tmp_path, capsys):
     assert [f.split(":")[0] for f in figures] == ["tests", "kernels", "steps", "table1", "epoch"]
     report = (out / "gpu_check.md").read_text()
     assert "## The five figures" in report and "| mcls | 64 | no | no |" in report
+
+
+def test_gpu_check_runs_the_parts_asked_in_their_order_and_keeps_each_report(tiny_cifar, tmp_path,
+                                                                              monkeypatch, capsys):
+    """--parts picks and orders the parts (a short GPU lease runs the step first); the report is
+    rewritten after each part, so a run stopped at a time limit keeps what was measured."""
+    import gpu_check as G
+    out = tmp_path / "check"
+    base = ["--device", "cpu", "--set", "width=32", "depth=1", "heads=2", "--steps", "1",
+            "--epoch-steps", "1", "--data", tiny_cifar, "--out", str(out)]
+    assert G.main(base + ["--parts", "epoch", "steps"]) == 0
+    report = json.load(open(out / "gpu_check.json"))
+    assert list(report["parts"]) == ["epoch", "steps"]
+    printed = capsys.readouterr().out
+    assert [f.split(":")[0] for f in printed.split("\n\n")[-2].splitlines()] == ["epoch", "steps"]
+
+    def killed(*a, **k):  # what a time limit does: nothing after this point runs
+        raise KeyboardInterrupt
+    monkeypatch.setattr(G, "one_epoch", killed)
+    (out / "gpu_check.json").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        G.run(base + ["--parts", "steps", "epoch"])
+    assert list(json.load(open(out / "gpu_check.json"))["parts"]) == ["steps"]
+    assert "steps: mcls" in (out / "gpu_check.md").read_text()
+
+
+def test_gpu_check_makes_random_images_of_the_official_layout_without_an_archive(tmp_path):
+    """A GPU machine that cannot reach the archive still times the epoch on the real loader."""
+    import gpu_check as G
+    folder = G.synthetic_cifar(str(tmp_path))
+    data = S.data_gpu.load_cifar10(folder, log=lambda *a, **k: None)
+    assert data["train_x"].shape == (50_000, 3, 32, 32) and data["test_x"].shape == (10_000, 3, 32, 32)
+    assert data["train_x"].dtype == torch.uint8 and int(data["train_y"].max()) == 9
