@@ -2,8 +2,8 @@
 
     python bench/gpu_check.py [--data ../shared/data/cifar-10-python.tar.gz]
 
-In about 8 minutes on a fresh H200 (measured) it runs, in order (a part that fails is reported and the rest
-still run):
+In about 8 minutes on a fresh H200 (measured) it runs, in order (a part that fails is
+reported and the rest still run):
   1. tests       tests/test_cuda.py in a fresh process: no host syncs inside training steps,
                  the Triton kernels against their references on the device, compiled against
                  eager losses, no recompiles after the warm-up;
@@ -19,11 +19,11 @@ still run):
                  with its final evaluation), extrapolated to the full recipe.
 --parts runs some of them, in the order given (on a short lease: the step first). Writes
 gpu_check.md and gpu_check.json into --out (default bench/results/gpu_check-<device>/), rewritten
-after every part so that a run stopped at a time limit keeps what it measured, and prints the five
-figures that matter. Without a CIFAR-10 archive the epoch runs on random images of the official
-layout (timing only: its accuracy means nothing). With --device cpu it runs a reduced form: the CUDA tests
-and the kernel sweep are skipped (it says so; tests/test_kernels.py runs the kernels in Triton's
-interpreter), and the other parts run a few eager steps on batches of 64.
+after every part so that a run stopped at a time limit keeps what it measured, and prints one
+line per part. Without a CIFAR-10 archive the epoch runs on random images of the official
+layout (timing only: its accuracy means nothing). With --device cpu it runs a reduced form: the
+CUDA tests and the kernel sweep are skipped (it says so; tests/test_kernels.py runs the kernels
+in Triton's interpreter), and the other parts run a few eager steps on batches of 64.
 """
 import math
 import os
@@ -343,6 +343,8 @@ def run(argv=None) -> int:
         parts[part]["seconds"] = round(time.perf_counter() - t, 1)
 
     no_cuda = "needs CUDA; this machine has none usable"
+    skipped = {} if cuda else {"tests": no_cuda,
+                               "kernels": no_cuda + " (tests/test_kernels.py interprets them on CPU)"}
     data = common.load_data("", n_train=4096, seed=0)
     if "epoch" in args.parts and not data_path:
         data_path = synthetic_cifar(os.path.join(out, "synthetic"))
@@ -363,9 +365,8 @@ def run(argv=None) -> int:
     report = {"device": str(device), "device_name": name, "torch": torch.__version__,
               "triton": _triton_version(), "cuda": torch.version.cuda, "parts": parts}
     for part in args.parts:
-        if part in ("tests", "kernels") and not cuda:
-            parts[part] = {"skipped": no_cuda + (" (tests/test_kernels.py interprets them on CPU)"
-                                                 if part == "kernels" else "")}
+        if part in skipped:
+            parts[part] = {"skipped": skipped[part]}
         else:
             attempt(part, runs[part])
         write_report(report, out, time.perf_counter() - started)
