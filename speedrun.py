@@ -1703,9 +1703,6 @@ def setup_device(cfg: Config, dist: Dist) -> torch.device:
     check_kernels(cfg.kernels, device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers run on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
     if cfg.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first use
         # warn_only: the one flagged op, equalize's scatter_add, sums integers, exact in any order
@@ -1728,6 +1725,7 @@ def load_data(cfg: Config, dist: Dist, log) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The training loop
 
+@kernels.tf32_matmuls(True)  # fp32 leftovers on tensor cores; the caller's setting back after
 def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_only: bool = False,
           clock=time.monotonic, start_time: float = None) -> dict:
     """Train (or evaluate) one configuration; returns the summary dict."""

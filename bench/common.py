@@ -5,7 +5,6 @@ A script run as `python bench/X.py` has bench/ as its import root: it imports th
 which puts the repository root on sys.path for speedrun, data_gpu and kernels.
 """
 import argparse
-import contextlib
 import difflib
 import gc
 import json
@@ -21,6 +20,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import data_gpu  # noqa: E402  (needs ROOT on sys.path)
+import kernels  # noqa: E402
 import speedrun  # noqa: E402
 
 UsageError = speedrun.UsageError
@@ -189,22 +189,6 @@ def sync(device: torch.device) -> None:
     """CUDA runs asynchronously: a clock read means nothing until the queue has drained."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def tf32_matmuls(device: torch.device, enabled: bool):
-    """fp32 matmuls on TF32 tensor cores: the trainer turns them on (speedrun.train), PyTorch's
-    default (what the paper's plain loop ran with) is off. Restored on exit. cuDNN convs use TF32
-    either way (its default)."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def time_calls(fn, device: torch.device, warmup: int, repeats: int, steps: int) -> list:

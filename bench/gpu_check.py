@@ -38,7 +38,7 @@ import torch
 
 import common
 import throughput
-from common import UsageError, speedrun
+from common import UsageError, kernels, speedrun
 
 DEFAULT_DATA = os.path.join(common.ROOT, "..", "shared", "data", "cifar-10-python.tar.gz")
 # data and forward are one compiled graph (the step reads nothing from the host), so one phase
@@ -167,7 +167,7 @@ def table1(cfg, batch_sizes, device, timing) -> list:
     data = common.load_data("", n_train=max(4096, max(batch_sizes)), seed=cfg.seed)
     rows = []
     for bs in batch_sizes:
-        with common.tf32_matmuls(device, True):
+        with kernels.tf32_matmuls(True):
             row = throughput.run_one(throughput.our_trainer, dataclasses.replace(cfg, batch_size=bs),
                                      data, device, timing)
         rows.append({"batch_size": bs, **row})

@@ -37,7 +37,7 @@ import math
 import torch
 
 import common, reference_model
-from common import UsageError, data_gpu, speedrun
+from common import UsageError, data_gpu, kernels, speedrun
 
 DEFAULT_BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
 MB = 2 ** 20
@@ -321,14 +321,14 @@ def run(argv=None) -> int:
           f"{' '.join(map(str, batch_sizes))} -> {out}")
     for bs in batch_sizes:
         row = {"batch_size": bs}
-        with common.tf32_matmuls(device, True):
+        with kernels.tf32_matmuls(True):
             row["ours"] = run_one(our_trainer, configs[bs], data, device, timing)
         if "precision" not in report and "precision" in row["ours"]:  # what the trainer chose
             report.update({k: row["ours"][k] for k in ("precision", "compile", "kernels")})
             print(f"throughput: {report['precision']}, compile {'on' if report['compile'] else 'off'},"
                   f" kernels {report['kernels']} (the trainer's choices)")
         if args.compare_reference:
-            with common.tf32_matmuls(device, False):
+            with kernels.tf32_matmuls(False):
                 row["reference"] = run_one(plain_trainer, configs[bs], data, device, timing)
             row["speedup"] = {"forward": ratio(row["ours"], row["reference"], "forward_img_s"),
                               "train": ratio(row["ours"], row["reference"], "train_img_s")}

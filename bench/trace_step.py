@@ -40,7 +40,7 @@ import statistics
 import torch
 
 import common
-from common import UsageError, speedrun
+from common import UsageError, kernels, speedrun
 
 PARTS = ("data", "forward", "backward", "optimizer")
 COLUMNS = PARTS + ("other",)
@@ -78,7 +78,7 @@ def profile_steps(trainer, wait, warmup, active, trace_path):
         prof.export_chrome_trace(trace_path)
         written.append(trace_path)
 
-    with common.tf32_matmuls(device, True), \
+    with kernels.tf32_matmuls(True), \
             torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=export) as prof:
         for s in range(wait + warmup + active):
             trainer.step(s)

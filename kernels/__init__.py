@@ -19,6 +19,7 @@ Kernel families live one per file: flash_attn.py (attention) and lowrank.py (MLA
 each with its Triton kernels, PyTorch references and autograd registration. The file is not
 called attention.py because that name would shadow this package's `attention` function.
 """
+import contextlib
 import warnings
 
 import torch
@@ -53,6 +54,19 @@ def backend_for(device: torch.device) -> str:
     if _BACKEND == "auto":
         return "triton" if torch.device(device).type == "cuda" and HAVE_TRITON else "torch"
     return _BACKEND
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """CUDA's fp32 matmuls on TF32 tensor cores (PyTorch's default: off) inside the block, the
+    caller's setting put back after. The trainer runs with them on; a comparison in true fp32
+    (parity.sweep, the paper's plain loop) turns them off. No effect on CPU matmuls."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _impl(t: torch.Tensor) -> str:

@@ -14,7 +14,7 @@ from itertools import product
 import torch
 import torch.nn.functional as F
 
-from . import aot, flash_attn, get_backend, lowrank, set_backend
+from . import aot, flash_attn, get_backend, lowrank, set_backend, tf32_matmuls
 from . import attention, lowrank_linear, lowrank_q_attention
 
 # max |error| / max |reference|: fp32 kernels, and bf16 ones (bf16 operands, fp32 accumulation)
@@ -110,14 +110,13 @@ def sweep(device, quick: bool = False) -> list:
     are put back after. The wrappers' own torch matmuls (weight gradients, the latent of the
     low-rank query) must run in true fp32 here: a trainer in the same process turns TF32 on, and
     TF32's 1e-3 would fail the fp32 comparisons (seen on an H200 after a training run)."""
-    before, tf32 = get_backend(), torch.backends.cuda.matmul.allow_tf32
+    before = get_backend()
     set_backend("triton")
-    torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        return [check(*c, torch.device(device)) for c in configs(quick)]
+        with tf32_matmuls(False):
+            return [check(*c, torch.device(device)) for c in configs(quick)]
     finally:
         set_backend(before)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def main(argv=None) -> int:

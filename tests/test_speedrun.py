@@ -260,6 +260,21 @@ def test_repeat_aug_copies_are_augmented_apart(tiny_cifar, one_thread):
         assert (copies[:, a] != copies[:, b]).any(-1).all()  # every copy augmented on its own
 
 
+def test_a_run_trains_with_tf32_matmuls_and_puts_the_callers_setting_back(tiny_cifar, tmp_path,
+                                                                         monkeypatch, one_thread):
+    """TF32 is the trainer's choice for its own run; a caller in the same process (a benchmark's
+    next part, the kernel sweep) must not inherit it."""
+    seen, step = [], S.Trainer.step
+    monkeypatch.setattr(S.Trainer, "step", lambda self, *a, **k: seen.append(
+        torch.backends.cuda.matmul.allow_tf32) or step(self, *a, **k))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cfg = S.resolve_config("baseline", max_steps=2, batch_size=8, width=32, depth=1, heads=2,
+                           patch_size=8, device="cpu", data=tiny_cifar, out=str(tmp_path / "run"))
+    S.train(cfg)
+    assert seen == [True, True]
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+
+
 def test_gap_head_reads_patch_mean():
     model = S.build_model(S.resolve_config("gap"))
     assert model.cls_token.shape[1] == 0 and model.head.in_features == 192
