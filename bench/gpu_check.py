@@ -2,8 +2,8 @@
 
     python bench/gpu_check.py [--data ../shared/data/cifar-10-python.tar.gz]
 
-In about 8 minutes on a fresh H200 (measured) it runs, in order (a part that fails is
-reported and the rest still run):
+In about 8 minutes on a fresh H200 (measured before the profile part, which adds one compile of
+mcls) it runs, in order (a part that fails is reported and the rest still run):
   1. tests       tests/test_cuda.py in a fresh process: no host syncs inside training steps,
                  the Triton kernels against their references on the device, compiled against
                  eager losses, no recompiles after the warm-up;
@@ -13,9 +13,12 @@ reported and the rest still run):
                  them (after Trainer.prepare: compiled, and on CUDA replayed as a CUDA graph),
                  then as many unrecorded ones split into data+forward / backward / optimizer
                  by CUDA events (on CPU by the clock, eager);
-  4. table1      bench/throughput.py's forward and training throughput and memory of the
+  4. profile     20 replays of that mcls step under the profiler (bench/trace_step.py
+                 --captured): its GPU kernels, their busy time against the step's, the gaps
+                 between them, the ten longest; a trace to open in Perfetto;
+  5. table1      bench/throughput.py's forward and training throughput and memory of the
                  baseline at --batch-sizes (eager: a compile per batch size would not fit);
-  5. epoch       one epoch of mcls through speedrun.train (compiled: warm-up, then the timed run
+  6. epoch       one epoch of mcls through speedrun.train (compiled: warm-up, then the timed run
                  with its final evaluation), extrapolated to the full recipe.
 --parts runs some of them, in the order given (on a short lease: the step first). Writes
 gpu_check.md and gpu_check.json into --out (default bench/results/gpu_check-<device>/), rewritten
@@ -38,12 +41,13 @@ import torch
 
 import common
 import throughput
+import trace_step
 from common import UsageError, kernels, speedrun
 
 DEFAULT_DATA = os.path.join(common.ROOT, "..", "shared", "data", "cifar-10-python.tar.gz")
 # data and forward are one compiled graph (the step reads nothing from the host), so one phase
 PHASES = ("data+forward", "backward", "optimizer")
-PARTS = ("tests", "kernels", "steps", "table1", "epoch")
+PARTS = ("tests", "kernels", "steps", "profile", "table1", "epoch")
 
 
 def build_parser() -> common.Parser:
@@ -160,8 +164,18 @@ def time_steps(cfg, data, device, steps: int) -> dict:
             "phase_ms": phases}
 
 
+def profile_step(cfg, data, device, out: str) -> dict:
+    """Where the replayed step's time goes: its kernels, from a profile of the prepared step."""
+    torch._dynamo.reset()
+    active = 20 if device.type == "cuda" else 1
+    report = trace_step.profile(cfg, data, device, out, wait=1, warmup=1, active=active, captured=True)
+    return {"variant": cfg.variant, "batch_size": cfg.batch_size, "cuda_graph": report["graph"],
+            "step_ms": report["step_median_ms"], "gpu_kernels": report["gpu_kernels"],
+            "trace": report["trace"]}
+
+
 # ----------------------------------------------------------------------------------------------
-# 4: Table 1, with bench/throughput.py's own measurement
+# 5: Table 1, with bench/throughput.py's own measurement
 
 def table1(cfg, batch_sizes, device, timing) -> list:
     data = common.load_data("", n_train=max(4096, max(batch_sizes)), seed=cfg.seed)
@@ -175,7 +189,7 @@ def table1(cfg, batch_sizes, device, timing) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5: one epoch of mcls, extrapolated
+# 6: one epoch of mcls, extrapolated
 
 def synthetic_cifar(folder: str) -> str:
     """Random images in the official folder layout (50,000 + 10,000): the epoch's timing on a
@@ -222,7 +236,7 @@ def fmt_ms(phases: dict) -> str:
 def markdown(report) -> str:
     lines = [f"# GPU check: {report['device_name']}", "",
              f"torch {report['torch']}, triton {report['triton']}, CUDA {report['cuda']}; "
-             f"{report['seconds']:.0f} s in all.", "", "## The five figures", ""]
+             f"{report['seconds']:.0f} s in all.", "", "## Figures", ""]
     lines += [f"- {line}" for line in report["figures"]]
     parts = report["parts"]
     lines += ["", "## Parts", ""]
@@ -240,6 +254,10 @@ def markdown(report) -> str:
             lines.append(f"| {r['variant']} | {r['batch_size']} | {yes(r['compiled'])} | "
                          f"{yes(r['cuda_graph'])} | {r['step_ms']:.2f} | {r['img_per_s']:,.0f} | "
                          f"{fmt_ms(r['phase_ms'])} |")
+    if parts.get("profile", {}).get("gpu_kernels"):
+        p = parts["profile"]
+        lines += ["", f"### The replayed {p['variant']} step's kernels (batch {p['batch_size']})", "",
+                  trace_step.kernel_text(p["gpu_kernels"]), "", f"Trace: `{p['trace']}`."]
     if "table1" in parts and "rows" in parts["table1"]:
         lines += ["", f"### Table 1: baseline (eager, {parts['table1']['precision']})", "",
                   "| batch | forward img/s | train img/s | activations MB | CUDA peak MB train | "
@@ -294,12 +312,24 @@ def figures(parts) -> list:
                 f"{best['batch_size']}; training peak {throughput.fmt_mb(peak)} MB at batch "
                 f"{ok[-1]['batch_size']}")
 
+    def prof(p):
+        k = p["gpu_kernels"]
+        if not k:
+            return (f"{p['variant']} step {p['step_ms']:.2f} ms under the profiler "
+                    f"(no GPU kernels in a CPU trace)")
+        top = k["top"][0]
+        return (f"{p['variant']} replayed step {k['step_ms']:.2f} ms under the profiler: "
+                f"{k['kernels']:.0f} kernels busy {k['busy_ms']:.2f} ms, {k['gaps_ms']:.2f} ms between "
+                f"them (median gap {k['median_gap_us']:.1f} us); longest {top['name'][:40]} "
+                f"{top['ms']:.3f} ms")
+
     texts = {
         "tests": lambda p: ("passed" if p["ok"] else "FAILED") + f" ({p['summary']})",
         "kernels": lambda p: (f"{p['configurations'] - len(p['failing'])}/{p['configurations']} "
                               f"configurations match; worst {p['worst']['kind']} {p['worst']['dtype']} "
                               f"{p['worst']['lsa']}: {p['worst']['worst_error']:.1e}"),
         "steps": steps,
+        "profile": prof,
         "table1": t1,
         "epoch": lambda p: (f"mcls full recipe about {p['recipe_s'] / 60:.1f} min "
                             f"({p['img_per_s']:,.0f} img/s, warm-up {p['warmup_s']:.0f} s)"),
@@ -356,6 +386,7 @@ def run(argv=None) -> int:
         "tests": run_cuda_tests,
         "kernels": lambda: run_kernel_sweep(device),
         "steps": lambda: {"rows": [time_steps(c, data, device, steps) for c in (mcls, baseline)]},
+        "profile": lambda: profile_step(mcls, data, device, os.path.join(out, "profile-mcls")),
         "table1": lambda: {"precision": "bf16" if cuda else "auto",
                            "rows": table1(dataclasses.replace(baseline, compile="off"), batch_sizes,
                                           device, (3, 3, 10) if cuda else (1, 1, 1))},

@@ -23,19 +23,28 @@ gaps, idle GPU); the step is the sum of the medians of its parts, so the parts n
 batch 256, RTX 3090: 120.7 ms = forward 25.2 + backward 79.3 + optimizer 12.7 + other) is printed
 next to ours; its "other" includes its data loading.
 
+On CUDA it also lists the GPU kernels of a step: how many, their busy time against the step's,
+the gaps between them, and the ten that take longest. With --captured the step is first prepared
+as a run prepares it (Trainer.prepare: compiled, and on CUDA recorded as a CUDA graph), so the
+profile is of the replayed step a run times; a replay marks no ranges, so its kernels all fall in
+"other" and the kernel list is the breakdown.
+
 Writes trace.json (open it at https://ui.perfetto.dev -> "Open trace file", or chrome://tracing ->
 "Load"), breakdown.json and breakdown.png into --out
 (default bench/results/profile-<variant>-<device>/).
 
   python bench/trace_step.py --variant mcls
   python bench/trace_step.py --variant baseline --batch-size 256 --active 5
+  python bench/trace_step.py --variant mcls --captured --active 20
 """
 import os
 import sys
 
 import dataclasses
+import itertools
 import json
 import statistics
+from typing import Optional
 
 import torch
 
@@ -60,6 +69,9 @@ def build_parser():
                    help="steps the profiler traces but discards (its own start-up cost) [1]")
     p.add_argument("--active", type=int, default=3,
                    help="steps recorded in the trace; the breakdown is their median [3]")
+    p.add_argument("--captured", action="store_true",
+                   help="profile the step a run times: compiled and (on CUDA) replayed as a CUDA "
+                        "graph, prepared before the profiler starts (with --compile off: eager)")
     return p
 
 
@@ -144,6 +156,54 @@ def read_breakdown(trace_path) -> dict:
             "percent": {c: 100 * v / step_ms if step_ms else 0.0 for c, v in median.items()}}
 
 
+def read_kernels(trace_path, top: int = 10) -> Optional[dict]:
+    """Per active step (means): the GPU kernels (and copies) that ran inside it, their busy time,
+    the span from the first start to the last end, and the gaps between them; the `top` kernels
+    by time per step. None for a trace without GPU activity (a CPU run)."""
+    with open(trace_path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    steps = [e for e in events if e.get("cat") == "user_annotation"
+             and e["name"].startswith("ProfilerStep#")]
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
+    if not gpu or not steps:
+        return None
+    per_step, by_name = [], {}
+    for step in steps:
+        inside = [e for e in gpu if step["ts"] <= e["ts"] < step["ts"] + step["dur"]]
+        if not inside:
+            continue
+        ends = [e["ts"] + e["dur"] for e in inside]
+        gaps = [max(0.0, b["ts"] - a_end) for a_end, b in zip(itertools.accumulate(ends, max), inside[1:])]
+        busy = union_us([(e["ts"], e["ts"] + e["dur"]) for e in inside])
+        per_step.append({"kernels": len(inside), "step_ms": step["dur"] / 1000, "busy_ms": busy / 1000,
+                         "span_ms": (max(ends) - inside[0]["ts"]) / 1000,
+                         "gaps_ms": sum(gaps) / 1000,
+                         "median_gap_us": statistics.median(gaps) if gaps else 0.0})
+        for e in inside:
+            calls, us = by_name.get(e["name"], (0, 0.0))
+            by_name[e["name"]] = (calls + 1, us + e["dur"])
+    if not per_step:
+        return None
+    n = len(per_step)
+    mean = {k: statistics.fmean(s[k] for s in per_step) for k in per_step[0]}
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"steps": n, **mean,
+            "top": [{"name": name, "calls": calls / n, "ms": us / n / 1000,
+                     "percent_of_busy": 100 * us / n / 1000 / mean["busy_ms"] if mean["busy_ms"] else 0.0}
+                    for name, (calls, us) in ranked]}
+
+
+def kernel_text(k: dict) -> str:
+    lines = [f"GPU per step (mean of {k['steps']}): {k['kernels']:.0f} kernels busy {k['busy_ms']:.2f} ms "
+             f"of a {k['step_ms']:.2f} ms step; from the first kernel's start to the last's end "
+             f"{k['span_ms']:.2f} ms, of which {k['gaps_ms']:.2f} ms between kernels "
+             f"(median gap {k['median_gap_us']:.1f} us)", "",
+             "| kernel | calls/step | ms/step | % of busy |", "|---|---:|---:|---:|"]
+    lines += [f"| `{t['name'][:70]}` | {t['calls']:.0f} | {t['ms']:.3f} | {t['percent_of_busy']:.1f} |"
+              for t in k["top"]]
+    return "\n".join(lines)
+
+
 def paper_breakdown() -> dict:
     ms = dict(common.PAPER_FIG4_MS)
     ms["other"] = common.PAPER_FIG4_STEP_MS - sum(ms.values())  # includes its data loading
@@ -201,6 +261,37 @@ def plot(ours, paper, label, path):
 
 # ----------------------------------------------------------------------------------------------
 
+def profile(cfg, data, device, out, wait: int, warmup: int, active: int, captured: bool) -> dict:
+    """Profile cfg's training step; write trace.json, breakdown.json and breakdown.png into out
+    and return the breakdown's report."""
+    os.makedirs(out, exist_ok=True)
+    trace_path = os.path.join(out, "trace.json")
+    trainer = speedrun.Trainer(cfg, data, device)
+    precision = "bf16" if trainer.amp_dtype else "fp32"
+    print(f"profile: {cfg.variant} on {device}, batch {cfg.batch_size}, {precision}, compile "
+          f"{'on' if trainer.compiled else 'off'}, kernels {trainer.kernels}: "
+          f"{wait} wait + {warmup} warm-up + {active} active steps")
+    if captured:
+        trainer.prepare([cfg.token_keep])
+        how = ("replayed as a CUDA graph" if trainer.graphs else
+               "compiled, not recorded" if trainer.compiled else "eager: nothing to prepare")
+        print(f"profile: the step prepared as a run prepares it ({how})")
+    profile_steps(trainer, wait, warmup, active, trace_path)
+
+    ours, paper = read_breakdown(trace_path), paper_breakdown()
+    report = {"variant": cfg.variant, "device": str(device), "batch_size": cfg.batch_size,
+              "precision": precision, "config": dataclasses.asdict(cfg),
+              "captured": captured, "graph": bool(trainer.graphs),
+              "gpu_kernels": read_kernels(trace_path),
+              "trace": trace_path, "trace_bytes": os.path.getsize(trace_path), **ours,
+              "paper": {"device": common.PAPER_DEVICE, "variant": "baseline", "batch_size": 256,
+                        **paper}}
+    common.write_json(os.path.join(out, "breakdown.json"), report)
+    label = f"{device.type}, {cfg.variant}, batch {cfg.batch_size}"
+    plot(ours, paper, f"ours ({label})", os.path.join(out, "breakdown.png"))
+    return report
+
+
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     common.check_ranges(args, {"--batch-size": "[1, inf)", "--wait": "[0, inf)",
@@ -211,38 +302,19 @@ def run(argv=None) -> int:
     batch_size = args.batch_size if args.batch_size is not None else 256 if device.type == "cuda" else 64
     cfg = common.config_from_args(args, {"batch_size": "--batch-size"}, batch_size=batch_size)
     out = args.out or common.default_out("profile", cfg, device)
-    os.makedirs(out, exist_ok=True)
-    trace_path = os.path.join(out, "trace.json")
-
     data = common.load_data(args.data, n_train=max(4096, batch_size), seed=cfg.seed)
-    trainer = speedrun.Trainer(cfg, data, device)
-    precision = "bf16" if trainer.amp_dtype else "fp32"
-    label = f"{device.type}, {cfg.variant}, batch {batch_size}"
-    print(f"profile: {cfg.variant} on {device}, batch {batch_size}, {precision}, compile "
-          f"{'on' if trainer.compiled else 'off'}, kernels {trainer.kernels}: "
-          f"{args.wait} wait + {args.warmup} warm-up + {args.active} active steps")
-    profile_steps(trainer, args.wait, args.warmup, args.active, trace_path)
+    report = profile(cfg, data, device, out, args.wait, args.warmup, args.active, args.captured)
 
-    ours = read_breakdown(trace_path)
-    paper = paper_breakdown()
-    trace_bytes = os.path.getsize(trace_path)
-    text = table(ours, paper, "ours")
-    report = {"variant": cfg.variant, "device": str(device), "batch_size": batch_size,
-              "precision": precision, "config": dataclasses.asdict(cfg),
-              "trace": trace_path, "trace_bytes": trace_bytes, **ours,
-              "paper": {"device": common.PAPER_DEVICE, "variant": "baseline", "batch_size": 256,
-                        **paper}}
-    common.write_json(os.path.join(out, "breakdown.json"), report)
-    plot(ours, paper, f"ours ({label})", os.path.join(out, "breakdown.png"))
-
-    how = ("GPU kernel time launched from each range" if ours["timing"] == "gpu-kernels"
+    how = ("GPU kernel time launched from each range" if report["timing"] == "gpu-kernels"
            else "CPU wall time of each range")
-    print(f"\nper-step breakdown ({label}; {how}; median of {ours['active_steps']} active steps; "
-          f"plain median step {ours['step_median_ms']:.1f} ms):\n")
-    print(text)
+    print(f"\nper-step breakdown ({device.type}, {cfg.variant}, batch {batch_size}; {how}; median of "
+          f"{report['active_steps']} active steps; plain median step {report['step_median_ms']:.1f} ms):\n")
+    print(table(report, report["paper"], "ours"))
+    if report["gpu_kernels"]:
+        print("\n" + kernel_text(report["gpu_kernels"]))
     print(f"\nwrote {out}/breakdown.json, breakdown.png")
-    print(f"trace: {trace_path} ({trace_bytes / 2 ** 20:.1f} MB); open it at https://ui.perfetto.dev "
-          f"(Open trace file) or in Chrome at chrome://tracing (Load)")
+    print(f"trace: {report['trace']} ({report['trace_bytes'] / 2 ** 20:.1f} MB); open it at "
+          f"https://ui.perfetto.dev (Open trace file) or in Chrome at chrome://tracing (Load)")
     return 0
 
 

@@ -117,6 +117,43 @@ def test_breakdown_attributes_gpu_kernels_by_correlation(tmp_path):
     assert b["step_ms"] == pytest.approx(0.1)
 
 
+def test_kernel_list_counts_a_steps_gpu_kernels_busy_time_and_gaps(tmp_path):
+    """What a replayed CUDA graph's profile is read for: per step, how many kernels, how long the
+    GPU was busy, and how much of the span went between kernels. Hand-made trace: two steps."""
+    def x(name, cat, ts, dur):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "args": {}}
+
+    events = [x("ProfilerStep#1", "user_annotation", 0, 100),
+              x("gemm", "kernel", 10, 20), x("gelu", "kernel", 25, 10),  # overlap: busy 25 us
+              x("gemm", "kernel", 40, 20),  # 5 us gap after gelu ends at 35
+              x("ProfilerStep#2", "user_annotation", 100, 50),
+              x("gemm", "kernel", 110, 20), x("Memcpy HtoD", "gpu_memcpy", 131, 1)]  # 1 us gap
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    k = P.read_kernels(str(path), top=2)
+    assert k["steps"] == 2 and k["kernels"] == 2.5
+    assert k["busy_ms"] == pytest.approx((45 + 21) / 2 / 1000)
+    assert k["span_ms"] == pytest.approx((50 + 22) / 2 / 1000)
+    assert k["gaps_ms"] == pytest.approx((5 + 1) / 2 / 1000)
+    assert k["step_ms"] == pytest.approx(0.075)
+    assert [t["name"] for t in k["top"]] == ["gemm", "gelu"]
+    assert k["top"][0]["calls"] == 1.5 and k["top"][0]["ms"] == pytest.approx(0.03)
+    assert "| `gemm` | 2 | 0.030 |" in P.kernel_text(k)
+    cpu_only = tmp_path / "cpu.json"
+    cpu_only.write_text(json.dumps({"traceEvents": events[:1]}))
+    assert P.read_kernels(str(cpu_only)) is None
+
+
+def test_profile_of_the_prepared_step_on_cpu(tmp_path, capsys):
+    """--captured prepares the step as a run does; eager on CPU, so there is nothing to record."""
+    argv = TINY + ["--batch-size", "8", "--wait", "0", "--warmup", "1", "--active", "1",
+                   "--captured", "--out", str(tmp_path)]
+    assert P.main(argv) == 0
+    report = json.load(open(tmp_path / "breakdown.json"))
+    assert report["captured"] and not report["graph"] and report["gpu_kernels"] is None
+    assert "eager: nothing to prepare" in capsys.readouterr().out
+
+
 def test_reference_model_matches_parameter_count_and_layout():
     for cfg in (S.resolve_config("baseline"), S.resolve_config("mcls")):
         ours, plain = S.build_model(cfg), reference_model.from_config(cfg)
@@ -275,7 +312,7 @@ def test_record_bad_input_is_one_line(argv, message, capsys):
 
 def test_gpu_check_reduced_form_on_cpu(tiny_cifar, tmp_path, capsys):
     """The CPU form of the first GPU command: CUDA parts skipped and saying why, the others run
-    (few tiny steps), one report and its JSON, five figures printed."""
+    (few tiny steps), one report and its JSON, a figure per part printed."""
     import gpu_check as G
     out = tmp_path / "check"
     argv = ["--device", "cpu", "--set", "width=32", "depth=1", "heads=2", "--steps", "2",
@@ -290,6 +327,9 @@ def test_gpu_check_reduced_form_on_cpu(tiny_cifar, tmp_path, capsys):
         assert set(r["phase_ms"]) == set(G.PHASES) and min(r["phase_ms"].values()) > 0
         assert r["cuda_graph"] is False
     assert [(r["batch_size"], r["status"]) for r in parts["table1"]["rows"]] == [(16, "ok")]
+    profile = parts["profile"]
+    assert profile["variant"] == "mcls" and not profile["cuda_graph"] and profile["gpu_kernels"] is None
+    assert profile["step_ms"] > 0 and (tmp_path / "check" / "profile-mcls" / "trace.json").exists()
     epoch = parts["epoch"]
     recipe = S.resolve_config("mcls")  # 100 epochs of 585 steps, as the paper's loader
     assert epoch["steps"] == 2 and epoch["recipe_steps"] == 58500
@@ -297,9 +337,10 @@ def test_gpu_check_reduced_form_on_cpu(tiny_cifar, tmp_path, capsys):
     assert epoch["recipe_s"] > epoch["train_s"] * 1000
     printed = capsys.readouterr().out
     figures = printed.split("\n\n")[-2].splitlines()
-    assert [f.split(":")[0] for f in figures] == ["tests", "kernels", "steps", "table1", "epoch"]
+    assert [f.split(":")[0] for f in figures] == ["tests", "kernels", "steps", "profile", "table1",
+                                                      "epoch"]
     report = (out / "gpu_check.md").read_text()
-    assert "## The five figures" in report and "| mcls | 64 | no | no |" in report
+    assert "## Figures" in report and "profile: mcls step" in report and "| mcls | 64 | no | no |" in report
 
 
 def test_gpu_check_runs_the_parts_asked_in_their_order_and_keeps_each_report(tiny_cifar, tmp_path,
