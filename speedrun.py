@@ -647,13 +647,17 @@ class Muon(torch.optim.Optimizer):
     matrices): Nesterov momentum, then the update orthogonalised (newton_schulz) and scaled to
     AdamW's update RMS, 0.2 * sqrt(max(rows, cols)) (Liu et al. 2025), so that AdamW's lr and
     weight decay carry over. Every other tensor (patch embedding, head, norms, biases, tokens)
-    takes AdamW. Foreach, and lr may be a device tensor, as in Lion."""
+    takes AdamW. Foreach, and lr may be a device tensor, as in Lion. `stacked` maps a matrix that
+    holds several maps stacked by rows (attention's q, k and v in one Linear) to their number:
+    each is orthogonalised on its own, as it would be in a Linear of its own (modded-nanogpt does
+    the same)."""
 
     def __init__(self, params, lr, orthogonalised, momentum=0.95, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=0.0, ns_dtype=torch.float32):
+                 weight_decay=0.0, ns_dtype=torch.float32, stacked=()):
         super().__init__(params, {"lr": lr, "momentum": momentum, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay})
         self.orthogonalised, self.ns_dtype = {id(p) for p in orthogonalised}, ns_dtype
+        self.stacked = {id(p): n for p, n in stacked}
 
     @torch.no_grad()
     def step(self):
@@ -674,9 +678,11 @@ class Muon(torch.optim.Optimizer):
         # one batched iteration per shape, a tall matrix taken as its transpose (newton_schulz
         # wants the short side first; the wide and tall MLP matrices share one batch)
         by_shape = collections.defaultdict(list)
-        for p, u in zip(params, updates):
-            tall = u.shape[0] > u.shape[1]
-            by_shape[u.shape[::-1] if tall else u.shape].append((p, u.T if tall else u, tall))
+        for whole, whole_update in zip(params, updates):
+            n = self.stacked.get(id(whole), 1)  # views: the update lands in the whole matrix
+            for p, u in zip(whole.chunk(n), whole_update.chunk(n)):
+                tall = u.shape[0] > u.shape[1]
+                by_shape[u.shape[::-1] if tall else u.shape].append((p, u.T if tall else u, tall))
         for shape, items in by_shape.items():
             ortho = newton_schulz(torch.stack([u for _, u, _ in items]).to(self.ns_dtype))
             ortho = ortho.float() * (group["lr"] * 0.2 * max(shape) ** 0.5)
@@ -721,8 +727,9 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device,
         return Lion(groups, lr=lr)
     if cfg.optimizer == "muon":
         matrices = [p for n, p in named if p.dim() == 2 and n.startswith("blocks.")]
+        qkv = [(p, p.shape[0] // p.shape[1]) for n, p in named if n.endswith(".attn.qkv.weight")]
         fast_bf16 = pick_precision(cfg.precision, device) == torch.bfloat16
-        return Muon(groups, lr=lr, orthogonalised=matrices,
+        return Muon(groups, lr=lr, orthogonalised=matrices, stacked=qkv,
                     ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
     # fused: one kernel over all tensors, on CPU too (about 5x faster than foreach there);
     # capturable: its step count and lr stay on the GPU, as a CUDA graph needs
