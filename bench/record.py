@@ -5,7 +5,8 @@ user would (start-up, data, training and final evaluation all inside the time bu
 another, then reports the test accuracies' mean, standard deviation, minimum and maximum and a
 one-sided 95 % lower confidence bound of the mean (Student's t: mean - t(0.95, n-1) · s / √n).
 With --target, the record claims the target only when that bound reaches it. It names the
-machine (CPU model, the flags that decide bf16's speed, threads) and writes record.json and
+machine (CPU model, the flags that decide bf16's speed, threads, and any of ISA_LIMITS set to
+hold the kernels below the CPU's instruction set) and writes record.json and
 record.md (a row for the README's records table) into --out.
 
     python bench/record.py --variant cpu-speedrun --seeds 5 --target 80 \
@@ -30,6 +31,9 @@ from common import UsageError, speedrun
 T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860,
        9: 1.833, 10: 1.812, 12: 1.782, 15: 1.753, 20: 1.725, 30: 1.697}
 FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")  # what sets bf16's and fp32's speed
+# what keeps PyTorch, oneDNN (bf16 matmuls) and MKL (fp32 ones) below the CPU's own instruction
+# set: with all three at AVX2, an AVX-512 CPU stands in for an AVX2-only one
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def t95(df: int) -> float:
@@ -62,7 +66,9 @@ def machine() -> dict:
         pass
     import torch
     return {"cpu": model, "flags": [f for f in FLAGS if f in flags], "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "kernels_isa": torch.backends.cpu.get_cpu_capability(),
+            "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,12 +118,15 @@ def markdown(report: dict) -> str:
     used = max(r["total_s"] for r in report["runs"])
     counts = collections.Counter(r["tuning"] for r in report["runs"])
     tunings = "; ".join(f"{t} ×{n}" for t, n in counts.items())
+    limits = " ".join(f"{k}={v}" for k, v in m["isa_limits"].items())
+    limited = f"; limited by {limits}" if limits else ""
+    command = f"{limits} {report['command']}" if limits else report["command"]
     return ("| date | preset | CPU | runs | budget | test acc: mean ± std (min–max) | command |\n"
             "|---|---|---|---:|---|---|---|\n"
             f"| {report['date']} | {report['variant']} ({tunings}) | {m['cpu']} ({', '.join(m['flags']) or 'no bf16 flags'}, "
-            f"{m['threads']} threads) | {s['n']} | {budget} (≤ {used:.1f} s used) | "
+            f"{m['threads']} threads{limited}) | {s['n']} | {budget} (≤ {used:.1f} s used) | "
             f"**{s['mean']:.2f} ± {s['std']:.2f} %** ({s['min']:.2f}–{s['max']:.2f}){target} | "
-            f"`{report['command']}` |")
+            f"`{command}` |")
 
 
 def run(argv=None) -> int:
@@ -134,7 +143,10 @@ def run(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     report = {"variant": args.variant, "date": datetime.date.today().isoformat(), "budget_s": budget,
               "machine": machine(), "runs": []}
-    print(f"record: {args.variant}, {args.seeds} runs of {budget} on {report['machine']['cpu']} -> {out}")
+    m = report["machine"]
+    limits = "".join(f", {k}={v}" for k, v in m["isa_limits"].items())
+    print(f"record: {args.variant}, {args.seeds} runs of {budget} on {m['cpu']} (PyTorch's "
+          f"kernels {m['kernels_isa']}{limits}) -> {out}")
     started = time.monotonic()
     for seed in range(args.seeds):
         run_out = os.path.join(out, f"seed{seed}")

@@ -298,6 +298,25 @@ def test_record_runs_each_seed_as_a_user_would_and_writes_the_row(tiny_cifar, tm
     assert "seed 1:" in capsys.readouterr().out
 
 
+def test_record_names_what_holds_the_kernels_below_the_cpus_instruction_set(monkeypatch):
+    """An AVX-512 CPU made to stand in for an AVX2-only one says so in its row and command."""
+    for key in record.ISA_LIMITS:
+        monkeypatch.delenv(key, raising=False)
+    assert record.machine()["isa_limits"] == {}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    m = record.machine()
+    assert m["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert m["kernels_isa"] == torch.backends.cpu.get_cpu_capability()
+    report = {"date": "2026-12-04", "variant": "cpu-speedrun", "budget_s": "600 s", "machine": m,
+              "runs": [{"total_s": 599.0, "tuning": "fp32, width 96, depth 4, token share 0.125"}],
+              "stats": record.statistics_of([70.0], target=None),
+              "command": "python bench/record.py --seeds 1"}
+    row = record.markdown(report).splitlines()[-1]
+    assert "threads; limited by ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2)" in row
+    assert "`ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/record.py --seeds 1`" in row
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--time-budget", "-1"], "--time-budget must be a positive"),
