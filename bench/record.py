@@ -71,6 +71,11 @@ def machine() -> dict:
             "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)}}
 
 
+def limits_text(machine: dict) -> str:
+    """The instruction-set limits a record ran under, as a shell prefix ('' for none)."""
+    return " ".join(f"{k}={v}" for k, v in machine["isa_limits"].items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = common.Parser(prog="bench/record.py", description=__doc__)
     p.add_argument("--variant", default="cpu-speedrun",
@@ -118,7 +123,7 @@ def markdown(report: dict) -> str:
     used = max(r["total_s"] for r in report["runs"])
     counts = collections.Counter(r["tuning"] for r in report["runs"])
     tunings = "; ".join(f"{t} ×{n}" for t, n in counts.items())
-    limits = " ".join(f"{k}={v}" for k, v in m["isa_limits"].items())
+    limits = limits_text(m)
     limited = f"; limited by {limits}" if limits else ""
     command = f"{limits} {report['command']}" if limits else report["command"]
     return ("| date | preset | CPU | runs | budget | test acc: mean ± std (min–max) | command |\n"
@@ -144,7 +149,7 @@ def run(argv=None) -> int:
     report = {"variant": args.variant, "date": datetime.date.today().isoformat(), "budget_s": budget,
               "machine": machine(), "runs": []}
     m = report["machine"]
-    limits = "".join(f", {k}={v}" for k, v in m["isa_limits"].items())
+    limits = f"; limited by {limits_text(m)}" if m["isa_limits"] else ""
     print(f"record: {args.variant}, {args.seeds} runs of {budget} on {m['cpu']} (PyTorch's "
           f"kernels {m['kernels_isa']}{limits}) -> {out}")
     started = time.monotonic()
