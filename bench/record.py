@@ -6,8 +6,8 @@ another, then reports the test accuracies' mean, standard deviation, minimum and
 one-sided 95 % lower confidence bound of the mean (Student's t: mean - t(0.95, n-1) · s / √n).
 With --target, the record claims the target only when that bound reaches it. It names the
 machine (CPU model, the flags that decide bf16's speed, threads, and any of ISA_LIMITS set to
-hold the kernels below the CPU's instruction set) and writes record.json and
-record.md (a row for the README's records table) into --out.
+hold the kernels below the CPU's instruction set) and writes record.json, record.md (a row for
+the README's records table) and each run's output (seedN.log) into --out.
 
     python bench/record.py --variant cpu-speedrun --seeds 5 --target 80 \
         --data ../shared/data/cifar-10-python.tar.gz
@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import common
 from common import UsageError, speedrun
@@ -114,6 +115,16 @@ def tuning_of(run_out: str) -> str:
     return speedrun.tuning_text(cfg)
 
 
+def chosen_because(lines: list, tuning: str) -> Optional[str]:
+    """Why a preset that fits itself to the CPU chose the tuning it trained (the probe's figures),
+    from the line speedrun.py prints as it chooses ('V: TUNING, batch B: WHY'); None where no
+    choice was made."""
+    for line in lines:
+        if f": {tuning}, batch " in line and line.count(": ") >= 2:
+            return line.split(": ", 2)[2]
+    return None
+
+
 def markdown(report: dict) -> str:
     s, m = report["stats"], report["machine"]
     target = ""
@@ -156,15 +167,22 @@ def run(argv=None) -> int:
     for seed in range(args.seeds):
         run_out = os.path.join(out, f"seed{seed}")
         cmd = run_command(args, seed, run_out)
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log_path = os.path.join(out, f"seed{seed}.log")  # beside the run: --overwrite owns its folder
+        with open(log_path, "w") as log:
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        with open(log_path) as f:
+            lines = f.read().splitlines()
         if done.returncode != 0:
-            raise UsageError(f"seed {seed} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            last = lines[-1] if lines else f"exit status {done.returncode}"
+            raise UsageError(f"seed {seed} failed: {last} (its output: {log_path})")
         with open(os.path.join(run_out, "summary.json")) as f:
             summary = json.load(f)
+        tuning = tuning_of(run_out)
         report["runs"].append({"seed": seed, "test_acc": summary["test_acc"], "steps": summary["steps"],
                                "total_s": summary["total_s"], "img_per_s": summary["img_per_s"],
                                "eval_s": summary["eval_s"], "eval_reserve_s": summary["eval_reserve_s"],
-                               "tuning": tuning_of(run_out)})
+                               "tuning": tuning, "chosen_because": chosen_because(lines, tuning),
+                               "log": log_path})
         spent = time.monotonic() - started
         eta = spent / (seed + 1) * (args.seeds - seed - 1)
         print(f"  seed {seed}: {summary['test_acc']:.2f} % in {summary['total_s']:.1f} s "

@@ -113,10 +113,15 @@ def union_us(intervals) -> float:
     return total
 
 
-def read_breakdown(trace_path) -> dict:
-    """Per active step, ms spent in each named range (and the step), from a Chrome trace file."""
+def trace_events(trace_path) -> list:
+    """The complete events ('X': a start and a duration) of a Chrome trace file, read once for
+    read_breakdown and read_kernels (a GPU trace of 20 steps runs to tens of MB)."""
     with open(trace_path) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+        return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+
+
+def read_breakdown(events: list) -> dict:
+    """Per active step, ms spent in each named range (and the step), from a trace's events."""
     marks = [e for e in events if e.get("cat") == "user_annotation"]
     steps = sorted((e for e in marks if e["name"].startswith("ProfilerStep#")), key=lambda e: e["ts"])
     ranges = [e for e in marks if e["name"] in PARTS]
@@ -147,7 +152,7 @@ def read_breakdown(trace_path) -> dict:
         ms["other"] = max(0.0, ms["step"] - sum(ms[p] for p in PARTS))
         per_step.append(ms)
     if not per_step:
-        raise RuntimeError(f"{trace_path} holds no ProfilerStep ranges")
+        raise RuntimeError("the trace holds no ProfilerStep ranges")
     median = {c: statistics.median(s[c] for s in per_step) for c in COLUMNS}
     step_ms = sum(median.values())
     return {"timing": timing, "active_steps": len(per_step), "per_step_ms": per_step,
@@ -156,12 +161,10 @@ def read_breakdown(trace_path) -> dict:
             "percent": {c: 100 * v / step_ms if step_ms else 0.0 for c, v in median.items()}}
 
 
-def read_kernels(trace_path, top: int = 10) -> Optional[dict]:
+def read_kernels(events: list, top: int = 10) -> Optional[dict]:
     """Per active step (means): the GPU kernels (and copies) that ran inside it, their busy time,
     the span from the first start to the last end, and the gaps between them; the `top` kernels
     by time per step. None for a trace without GPU activity (a CPU run)."""
-    with open(trace_path) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
     steps = [e for e in events if e.get("cat") == "user_annotation"
              and e["name"].startswith("ProfilerStep#")]
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
@@ -278,11 +281,12 @@ def profile(cfg, data, device, out, wait: int, warmup: int, active: int, capture
         print(f"profile: the step prepared as a run prepares it ({how})")
     profile_steps(trainer, wait, warmup, active, trace_path)
 
-    ours, paper = read_breakdown(trace_path), paper_breakdown()
+    events = trace_events(trace_path)
+    ours, paper = read_breakdown(events), paper_breakdown()
     report = {"variant": cfg.variant, "device": str(device), "batch_size": cfg.batch_size,
               "precision": precision, "config": dataclasses.asdict(cfg),
               "captured": captured, "graph": bool(trainer.graphs),
-              "gpu_kernels": read_kernels(trace_path),
+              "gpu_kernels": read_kernels(events),
               "trace": trace_path, "trace_bytes": os.path.getsize(trace_path), **ours,
               "paper": {"device": common.PAPER_DEVICE, "variant": "baseline", "batch_size": 256,
                         **paper}}

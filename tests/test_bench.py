@@ -1,5 +1,6 @@
 """bench/: throughput sweep, step profiler, plain reference model, activation counter. CPU, tiny
 configs, synthetic data; one thread so a loaded machine does not stall PyTorch's thread pool."""
+import dataclasses
 import json
 
 import pytest
@@ -109,7 +110,7 @@ def test_breakdown_attributes_gpu_kernels_by_correlation(tmp_path):
               x("gemm_bwd", "kernel", 40, 10, correlation=9)]
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
-    b = P.read_breakdown(str(path))
+    b = P.read_breakdown(P.trace_events(str(path)))
     assert b["timing"] == "gpu-kernels"
     assert b["median_ms"]["forward"] == pytest.approx(0.004)
     assert b["median_ms"]["backward"] == pytest.approx(0.010)
@@ -130,7 +131,7 @@ def test_kernel_list_counts_a_steps_gpu_kernels_busy_time_and_gaps(tmp_path):
               x("gemm", "kernel", 110, 20), x("Memcpy HtoD", "gpu_memcpy", 131, 1)]  # 1 us gap
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
-    k = P.read_kernels(str(path), top=2)
+    k = P.read_kernels(P.trace_events(str(path)), top=2)
     assert k["steps"] == 2 and k["kernels"] == 2.5
     assert k["busy_ms"] == pytest.approx((45 + 21) / 2 / 1000)
     assert k["span_ms"] == pytest.approx((50 + 22) / 2 / 1000)
@@ -141,7 +142,7 @@ def test_kernel_list_counts_a_steps_gpu_kernels_busy_time_and_gaps(tmp_path):
     assert "| `gemm` | 2 | 0.030 |" in P.kernel_text(k)
     cpu_only = tmp_path / "cpu.json"
     cpu_only.write_text(json.dumps({"traceEvents": events[:1]}))
-    assert P.read_kernels(str(cpu_only)) is None
+    assert P.read_kernels(P.trace_events(str(cpu_only))) is None
 
 
 def test_profile_of_the_prepared_step_on_cpu(tmp_path, capsys):
@@ -296,6 +297,32 @@ def test_record_runs_each_seed_as_a_user_would_and_writes_the_row(tiny_cifar, tm
     # what the budget kept back for each final evaluation (2 s more than one batch predicts)
     assert all(r["eval_reserve_s"] >= 2.0 and r["eval_s"] >= 0.0 for r in report["runs"])
     assert "seed 1:" in capsys.readouterr().out
+    # each run's output is kept beside it; baseline fits nothing to the CPU, so no choice is named
+    for r in report["runs"]:
+        assert "test" in open(r["log"]).read() and r["chosen_because"] is None
+
+
+def test_record_keeps_why_a_self_fitting_preset_chose_its_tuning():
+    """The reason is read from the very line speedrun.py prints as cpu-speedrun chooses."""
+    lines = []
+    cfg = S.fit_cpu_speedrun(S.resolve_config("cpu-speedrun", precision="fp32"),
+                                    {"precision"}, log=lines.append)
+    tuning = S.tuning_text(dataclasses.asdict(cfg))
+    assert tuning.startswith("fp32, width 96") and len(lines) == 1
+    assert record.chosen_because(["loading data", *lines, "step 1"], tuning) == "as --precision asks"
+    assert record.chosen_because(lines, "bf16, width 128, depth 6, token share 0.25") is None
+
+
+def test_record_a_failing_seed_is_one_line_naming_its_output(tmp_path, capsys):
+    missing = str(tmp_path / "missing.tar.gz")
+    argv = ["--variant", "baseline", "--seeds", "2", "--data", missing, "--out", str(tmp_path / "rec"),
+            "--set", "device=cpu", "max_steps=1"]
+    assert record.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    log = tmp_path / "rec" / "seed0.log"
+    assert len(err.splitlines()) == 1 and err.startswith("error: seed 0 failed: error: ")
+    assert "no such file or folder" in err and str(log) in err and "no such file" in log.read_text()
+    assert not (tmp_path / "rec" / "seed1.log").exists()  # the record stops at the first failure
 
 
 def test_record_names_what_holds_the_kernels_below_the_cpus_instruction_set(monkeypatch):
