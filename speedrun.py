@@ -873,8 +873,8 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 def keep_freed_memory() -> bool:
     """A CPU step allocates and frees the same few-MB activations every step. glibc hands such
     blocks back to the kernel (mmap'd, or trimmed off the heap), so each step faults every page
-    in again, and in a virtual machine that costs: 10-30 % of the cpu-speedrun step here. Serve
-    them from the heap and keep what is freed (the process's peak memory stays what it was).
+    in again, which in a virtual machine costs a tenth or more of a two-thread step (figures in
+    bench/README.md). Serve them from the heap and keep what is freed (peak memory unchanged).
     False where the C library has no mallopt (not glibc) or refuses."""
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -77,6 +77,11 @@ def limits_text(machine: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in machine["isa_limits"].items())
 
 
+def limited_by(machine: dict) -> str:
+    """'; limited by …' after the machine's description, or '' with no limits."""
+    return f"; limited by {limits_text(machine)}" if machine["isa_limits"] else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = common.Parser(prog="bench/record.py", description=__doc__)
     p.add_argument("--variant", default="cpu-speedrun",
@@ -135,12 +140,11 @@ def markdown(report: dict) -> str:
     counts = collections.Counter(r["tuning"] for r in report["runs"])
     tunings = "; ".join(f"{t} ×{n}" for t, n in counts.items())
     limits = limits_text(m)
-    limited = f"; limited by {limits}" if limits else ""
     command = f"{limits} {report['command']}" if limits else report["command"]
     return ("| date | preset | CPU | runs | budget | test acc: mean ± std (min–max) | command |\n"
             "|---|---|---|---:|---|---|---|\n"
             f"| {report['date']} | {report['variant']} ({tunings}) | {m['cpu']} ({', '.join(m['flags']) or 'no bf16 flags'}, "
-            f"{m['threads']} threads{limited}) | {s['n']} | {budget} (≤ {used:.1f} s used) | "
+            f"{m['threads']} threads{limited_by(m)}) | {s['n']} | {budget} (≤ {used:.1f} s used) | "
             f"**{s['mean']:.2f} ± {s['std']:.2f} %** ({s['min']:.2f}–{s['max']:.2f}){target} | "
             f"`{command}` |")
 
@@ -160,9 +164,8 @@ def run(argv=None) -> int:
     report = {"variant": args.variant, "date": datetime.date.today().isoformat(), "budget_s": budget,
               "machine": machine(), "runs": []}
     m = report["machine"]
-    limits = f"; limited by {limits_text(m)}" if m["isa_limits"] else ""
     print(f"record: {args.variant}, {args.seeds} runs of {budget} on {m['cpu']} (PyTorch's "
-          f"kernels {m['kernels_isa']}{limits}) -> {out}")
+          f"kernels {m['kernels_isa']}{limited_by(m)}) -> {out}")
     started = time.monotonic()
     for seed in range(args.seeds):
         run_out = os.path.join(out, f"seed{seed}")
