@@ -54,6 +54,8 @@ def _f(default, help, **meta):
 class Config:
     # model (REFERENCE.md's baseline "Tiny ViT")
     variant: str = _f("baseline", "preset name(s), comma-separated; later presets win", cli=False)
+    fitted_because: str = _f("", "why a preset that fits itself to the CPU (cpu-speedrun) chose "
+                             "its tuning there, e.g. the probe's figures", cli=False)
     width: int = _f(192, "token width (embedding dimension)")
     depth: int = _f(9, "number of transformer blocks")
     heads: int = _f(12, "attention heads per block")
@@ -1908,9 +1910,10 @@ def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
         choice = "bf16" if bf16 >= CPU_BF16_LEAD * fp32 else "fp32"
         why = f"bf16 trains it at {bf16:,.0f} img/s, fp32 at {fp32:,.0f} (x{bf16 / fp32:.2f})"
     tuned = {k: v for k, v in CPU_TUNING[choice].items() if k not in typed}
-    cfg = dataclasses.replace(cfg, **tuned)
+    cfg = dataclasses.replace(cfg, **tuned, fitted_because=why)  # config.json keeps the reason
     validate(cfg)
-    log(f"{cfg.variant}: {tuning_text(dataclasses.asdict(cfg))}, batch {cfg.batch_size}: {why}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process chooses, one says so
+        log(f"{cfg.variant}: {tuning_text(dataclasses.asdict(cfg))}, batch {cfg.batch_size}: {why}")
     return cfg
 
 

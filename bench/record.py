@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Optional
 
 import common
 from common import UsageError, speedrun
@@ -112,22 +111,13 @@ def run_command(args, seed: int, out: str) -> list:
     return cmd
 
 
-def tuning_of(run_out: str) -> str:
-    """What a run trained, as its config.json says: a preset that fits itself to the CPU
-    (cpu-speedrun) may choose differently from one run to the next."""
+def tuning_of(run_out: str) -> tuple:
+    """What a run trained and why, as its config.json says: a preset that fits itself to the CPU
+    (cpu-speedrun) may choose differently from one run to the next, and keeps the reason (the
+    probe's figures; None where nothing was fitted)."""
     with open(os.path.join(run_out, "config.json")) as f:
         cfg = json.load(f)
-    return speedrun.tuning_text(cfg)
-
-
-def chosen_because(lines: list, tuning: str) -> Optional[str]:
-    """Why a preset that fits itself to the CPU chose the tuning it trained (the probe's figures),
-    from the line speedrun.py prints as it chooses ('V: TUNING, batch B: WHY'); None where no
-    choice was made."""
-    for line in lines:
-        if f": {tuning}, batch " in line and line.count(": ") >= 2:
-            return line.split(": ", 2)[2]
-    return None
+    return speedrun.tuning_text(cfg), cfg.get("fitted_because") or None
 
 
 def markdown(report: dict) -> str:
@@ -173,18 +163,18 @@ def run(argv=None) -> int:
         log_path = os.path.join(out, f"seed{seed}.log")  # beside the run: --overwrite owns its folder
         with open(log_path, "w") as log:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-        with open(log_path) as f:
-            lines = f.read().splitlines()
         if done.returncode != 0:
+            with open(log_path) as f:
+                lines = f.read().splitlines()
             last = lines[-1] if lines else f"exit status {done.returncode}"
             raise UsageError(f"seed {seed} failed: {last} (its output: {log_path})")
         with open(os.path.join(run_out, "summary.json")) as f:
             summary = json.load(f)
-        tuning = tuning_of(run_out)
+        tuning, because = tuning_of(run_out)
         report["runs"].append({"seed": seed, "test_acc": summary["test_acc"], "steps": summary["steps"],
                                "total_s": summary["total_s"], "img_per_s": summary["img_per_s"],
                                "eval_s": summary["eval_s"], "eval_reserve_s": summary["eval_reserve_s"],
-                               "tuning": tuning, "chosen_because": chosen_because(lines, tuning),
+                               "tuning": tuning, "chosen_because": because,
                                "log": log_path})
         spent = time.monotonic() - started
         eta = spent / (seed + 1) * (args.seeds - seed - 1)

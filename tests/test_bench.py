@@ -297,20 +297,21 @@ def test_record_runs_each_seed_as_a_user_would_and_writes_the_row(tiny_cifar, tm
     # what the budget kept back for each final evaluation (2 s more than one batch predicts)
     assert all(r["eval_reserve_s"] >= 2.0 and r["eval_s"] >= 0.0 for r in report["runs"])
     assert "seed 1:" in capsys.readouterr().out
-    # each run's output is kept beside it; baseline fits nothing to the CPU, so no choice is named
+    # each run's output is kept beside it; baseline fits nothing to the CPU, so no reason is kept
     for r in report["runs"]:
         assert "test" in open(r["log"]).read() and r["chosen_because"] is None
 
 
-def test_record_keeps_why_a_self_fitting_preset_chose_its_tuning():
-    """The reason is read from the very line speedrun.py prints as cpu-speedrun chooses."""
-    lines = []
-    cfg = S.fit_cpu_speedrun(S.resolve_config("cpu-speedrun", precision="fp32"),
-                                    {"precision"}, log=lines.append)
-    tuning = S.tuning_text(dataclasses.asdict(cfg))
-    assert tuning.startswith("fp32, width 96") and len(lines) == 1
-    assert record.chosen_because(["loading data", *lines, "step 1"], tuning) == "as --precision asks"
-    assert record.chosen_because(lines, "bf16, width 128, depth 6, token share 0.25") is None
+def test_record_reads_why_a_self_fitting_preset_chose_its_tuning_from_the_runs_config(
+        tiny_cifar, tmp_path, capsys):
+    """cpu-speedrun keeps the reason for its choice in config.json; record.py reads it there."""
+    out = str(tmp_path / "run")
+    assert S.main(["--variant", "cpu-speedrun", "--precision", "fp32", "--width", "32", "--depth", "1",
+                   "--batch-size", "16", "--max-steps", "2", "--no-whiten", "--device", "cpu", "--data", tiny_cifar,
+                   "--out", out]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert "cpu-speedrun: fp32, width 32, depth 1, token share 0.125, batch 16: as --precision asks" in said
+    assert record.tuning_of(out) == ("fp32, width 32, depth 1, token share 0.125", "as --precision asks")
 
 
 def test_record_a_failing_seed_is_one_line_naming_its_output(tmp_path, capsys):

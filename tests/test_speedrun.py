@@ -671,6 +671,18 @@ def test_cpu_speedrun_fits_the_cpu_it_measures(bf16, fp32, typed, want, monkeypa
     fitted = S.fit_cpu_speedrun(cfg, set(typed), log=said.append)
     assert (fitted.precision, fitted.width, fitted.depth, fitted.token_keep) == want
     assert len(said) == 1 and said[0].startswith(f"cpu-speedrun: {want[0]}, width {want[1]}, depth {want[2]}")
+    assert fitted.fitted_because == said[0].split(": ", 2)[2]  # config.json keeps the reason
+
+
+def test_cpu_speedrun_says_its_choice_once_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    said = {}
+    for rank in "01":
+        monkeypatch.setenv("RANK", rank)
+        said[rank] = []
+        fitted = S.fit_cpu_speedrun(S.resolve_config("cpu-speedrun"), set(), log=said[rank].append)
+        assert "under torchrun" in fitted.fitted_because
+    assert len(said["0"]) == 1 and said["1"] == []
 
 
 def test_cpu_probe_measures_a_training_step(one_thread):
