@@ -1,6 +1,5 @@
 """bench/: throughput sweep, step profiler, plain reference model, activation counter. CPU, tiny
 configs, synthetic data; one thread so a loaded machine does not stall PyTorch's thread pool."""
-import dataclasses
 import json
 
 import pytest
