@@ -165,7 +165,7 @@ class Variant:
 
 
 # the cpu-speedrun recipe (its reasons are beside its entry below), shared by its fp32 retuning
-CPU_SPEEDRUN = {"width": 128, "depth": 6, "heads": 2, "batch_size": 128, "optimizer": "muon",
+CPU_SPEEDRUN = {"width": 128, "depth": 7, "heads": 2, "batch_size": 128, "optimizer": "muon",
                 "whiten": True, "whiten_from": "raw", "decay_params": "matrices", "drop_last": False,
                 "token_keep": 0.25, "full_token_ramp": 0.3, "full_token_tail": 0.1,
                 "crop_pad": 0, "autoaugment": False, "mix_prob": 0.0, "erase_prob": 0.0,
@@ -219,7 +219,7 @@ VARIANTS = {
     # ten minutes leave the model underfit, so every choice buys images/s or faster fitting
     # rather than regularisation (the measurements: bench/README.md, CPU speedrun); 30 epochs is
     # a cap the time budget always meets first
-    "cpu-speedrun": Variant("10-minute CPU preset: width 128, depth 6, 2 heads, whitened patches, "
+    "cpu-speedrun": Variant("10-minute CPU preset: width 128, depth 7, 2 heads, whitened patches, "
                             "Muon, a quarter of the tokens rising to all over 60-90 % of the run, "
                             "flips only, flip TTA, schedule fitted to --time-budget (600 s)",
                             CPU_SPEEDRUN),
