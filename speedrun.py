@@ -216,9 +216,9 @@ VARIANTS = {
                               "(neither the paper code's form nor CaiT)", {"cls_only_blocks": 2}),
     "gap": Variant("head reads the mean of patch tokens, no CLS (BinaryViT)",
                    {"pool": "gap", "num_cls": 0}),
-    # ten minutes leave the model underfit, so every choice buys images/s or faster fitting
-    # rather than regularisation (the measurements: bench/README.md, CPU speedrun); 30 epochs is
-    # a cap the time budget always meets first
+    # ten minutes are too few for regularisation to pay, so every choice buys images/s, faster
+    # fitting or depth (the measurements: bench/README.md, CPU speedrun); 30 epochs is a cap the
+    # time budget always meets first
     "cpu-speedrun": Variant("10-minute CPU preset: width 128, depth 7, 2 heads, whitened patches, "
                             "Muon, a quarter of the tokens rising to all over 60-90 % of the run, "
                             "flips only, flip TTA, schedule fitted to --time-budget (600 s)",
