@@ -897,13 +897,19 @@ class Dist:
     def main(self):
         return self.rank == 0
 
+    @classmethod
+    def from_env(cls) -> "Dist":
+        """This process's place as torchrun's WORLD_SIZE/RANK/LOCAL_RANK give it (no process
+        group needed: choices made before the rendezvous read it too)."""
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                   int(os.environ.get("LOCAL_RANK", "0")))
+
 
 def init_distributed(device_name: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on CUDA, Gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """torchrun's processes join one group: NCCL on CUDA, Gloo on CPU."""
+    dist = Dist.from_env()
+    if dist.world_size == 1:
         return Dist()
-    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         pick_device(device_name)  # refuses, saying why
@@ -1766,7 +1772,7 @@ def train(cfg: Config, resume_state: dict = None, overwrite: bool = False, eval_
     """Train (or evaluate) one configuration; returns the summary dict."""
     start_time = clock() if start_time is None else start_time
     # before the rendezvous: each process refuses on its own instead of waiting for the others
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    validate(cfg, Dist.from_env().world_size)
     dist = init_distributed(cfg.device)
     log = print if dist.main else (lambda *a, **k: None)
     done = resume_state is not None and not eval_only and finished_run(resume_state)
@@ -1905,7 +1911,7 @@ def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
     which the time budget counts. Flags the user typed win over both."""
     if "precision" in typed and cfg.precision != "auto":
         choice, why = cfg.precision, "as --precision asks"
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process must choose alike
+    elif Dist.from_env().world_size > 1:  # every process must choose alike
         choice = "bf16" if cpu_has_bf16_units() else "fp32"
         why = "from the CPU's flags (under torchrun processes do not probe)"
     else:
@@ -1916,7 +1922,7 @@ def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
     tuned = {k: v for k, v in CPU_TUNING[choice].items() if k not in typed}
     cfg = dataclasses.replace(cfg, **tuned, fitted_because=why)  # config.json keeps the reason
     validate(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every process chooses, one says so
+    if Dist.from_env().main:  # under torchrun every process chooses, one says so
         log(f"{cfg.variant}: {tuning_text(dataclasses.asdict(cfg))}, batch {cfg.batch_size}: {why}")
     return cfg
 
