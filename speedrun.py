@@ -1218,14 +1218,14 @@ class Trainer:
         logits = self.net(x).float()
         return (logits + self.net(x.flip(-1)).float()) / 2 if self.cfg.tta_flip else logits
 
-    def time_eval(self, clock=time.monotonic, repeats: int = 2) -> float:
-        """Seconds an evaluation of the test set will take, from the fastest of `repeats` timings
-        of its first batch (of every rank): one timing alone is 2-3x slow now and then, which a
-        run pays for in training time it keeps back and never uses."""
+    def time_eval(self, clock=time.monotonic) -> float:
+        """Seconds an evaluation of the test set will take, from the faster of two timings of its
+        first batch (of every rank): one timing alone is 2-3x slow now and then, which a run
+        pays for in training time it keeps back and never uses."""
         world, n_test = self.dist.world_size, self.data["test_x"].shape[0]
         n = max(1, min(self.eval_batch, n_test // world))
         fastest = float("inf")
-        for _ in range(repeats):
+        for _ in range(2):
             t = clock()
             self.evaluate(limit=n)  # in eval_batch-sized batches: the graph prepare() built
             fastest = min(fastest, clock() - t)
@@ -1909,9 +1909,10 @@ def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
     """cpu-speedrun on a CPU: bf16 with the preset's tuning where bf16 trains faster than fp32
     (matrix units), else fp32 with cheaper images; measured in a probe of a few seconds,
     which the time budget counts. Flags the user typed win over both."""
+    dist = Dist.from_env()  # before the rendezvous: torchrun's environment only
     if "precision" in typed and cfg.precision != "auto":
         choice, why = cfg.precision, "as --precision asks"
-    elif Dist.from_env().world_size > 1:  # every process must choose alike
+    elif dist.world_size > 1:  # every process must choose alike
         choice = "bf16" if cpu_has_bf16_units() else "fp32"
         why = "from the CPU's flags (under torchrun processes do not probe)"
     else:
@@ -1922,7 +1923,7 @@ def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
     tuned = {k: v for k, v in CPU_TUNING[choice].items() if k not in typed}
     cfg = dataclasses.replace(cfg, **tuned, fitted_because=why)  # config.json keeps the reason
     validate(cfg)
-    if Dist.from_env().main:  # under torchrun every process chooses, one says so
+    if dist.main:  # under torchrun every process chooses, one says so
         log(f"{cfg.variant}: {tuning_text(dataclasses.asdict(cfg))}, batch {cfg.batch_size}: {why}")
     return cfg
 
