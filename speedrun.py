@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -1605,6 +1606,12 @@ class Budget:
         self.timed_keep = None  # the share whose pace the reserve follows
         self.shared = 0.0 if world_size > 1 else None  # rank 0's time share as of the last sync
         self.last_share = 0.0  # the share the last progress() used: the step's lr follows it
+        # the run's work by step share, for the ETA: a step costs about as many tokens as it
+        # keeps, so under a rising token share the last steps are dearer than the first
+        tokens = [keep_at(i / 1000, cfg) * (32 // cfg.patch_size) ** 2 + cfg.num_cls
+                  for i in range(1000)]
+        self.work = [0.0, *itertools.accumulate(tokens)]
+        self.start_work = self.work_share(step / max(total, 1))
 
     def share(self) -> float:
         """Share of the time budget spent (0 without a budget)."""
@@ -1654,8 +1661,18 @@ class Budget:
         self.window_start, self.window_step = now, step
         return ips
 
-    def eta(self, progress: float) -> float:
-        return (self.clock() - self.start) * (1 - progress) / max(progress, 1e-9)
+    def work_share(self, step_share: float) -> float:
+        """Share of the run's work done once step_share of its steps are."""
+        x = min(max(step_share, 0.0), 1.0) * 1000
+        i = min(int(x), 999)
+        return (self.work[i] + (x - i) * (self.work[i + 1] - self.work[i])) / self.work[-1]
+
+    def eta(self, step: int) -> float:
+        """Seconds left: the time this process has run, scaled by the work left over the work
+        it has done (by the time budget's share where that is ahead)."""
+        work = (self.work_share(step / max(self.total, 1)) - self.start_work) / max(1 - self.start_work, 1e-9)
+        done = max(work, self.last_share)
+        return (self.clock() - self.start) * (1 - done) / max(done, 1e-9)
 
     def timed_s(self) -> float:
         """Seconds since the run started, less the warm-up: what the budget counts."""
@@ -1717,7 +1734,7 @@ class Meter:
         ips, lr = self.budget.window(step, shared), lr_at(progress, cfg)
         epoch = step / self.trainer.steps_per_epoch
         self.bar.show(f"step {step:,}/{total:,} | ep {epoch:.2f} | loss {mean_loss:.4f} | "
-                      f"lr {lr:.2e} | {ips:,.0f} img/s | ETA {fmt_time(self.budget.eta(progress))}")
+                      f"lr {lr:.2e} | {ips:,.0f} img/s | ETA {fmt_time(self.budget.eta(step))}")
         self.run.record("train", step=step, epoch=round(epoch, 4),
                         loss=mean_loss if math.isfinite(mean_loss) else None,  # all skipped
                         lr=lr, img_per_s=round(ips, 1), elapsed=round(self.elapsed(), 2),

@@ -688,6 +688,29 @@ def test_the_reserve_follows_the_pace_of_a_whole_window_not_the_steps_after_the_
     assert budget.reserve == pytest.approx(3.0)
 
 
+@pytest.mark.parametrize("resume_at", [0, 400])
+def test_the_eta_counts_the_dearer_steps_of_a_rising_token_share(resume_at):
+    # a run of fixed steps whose steps cost as many tokens as they keep (a quarter of 64 patch
+    # tokens, rising to all over the last 40 %): the ETA at each log step is the time the rest of
+    # the run then takes, within a few %; a share of steps alone would say 2-3x too little late on
+    cfg = S.resolve_config("cpu-speedrun", time_budget=0.0, max_steps=1000)
+    total, now = 1000, [0.0]
+    budget = S.Budget(cfg, total=total, step=resume_at, start_time=0.0, clock=lambda: now[0],
+                      time_eval=lambda clock: 0.0, world_size=1)
+    etas, ends = {}, {}
+    for step in range(resume_at, total):
+        keep = S.keep_at(budget.progress(step), cfg)
+        budget.before_step(step, keep)
+        now[0] += (keep * 64 + cfg.num_cls) * 1e-3
+        budget.after_step(step + 1)
+        ends[step + 1] = now[0]
+        if (step + 1) % 50 == 0:
+            etas[step + 1] = budget.eta(step + 1)
+    for step, eta in etas.items():
+        assert eta == pytest.approx(now[0] - ends[step], rel=0.03, abs=0.05), step
+    assert etas[total] == pytest.approx(0.0)
+
+
 @pytest.mark.parametrize("bf16, fp32, typed, want", [
     (2000.0, 1000.0, {}, ("bf16", 128, 7, 0.25)),                 # matrix units: bf16 and the preset
     (1100.0, 1000.0, {}, ("bf16", 128, 7, 0.25)),                 # bf16 a little faster: still bf16
