@@ -1670,8 +1670,8 @@ class Budget:
     def eta(self, step: int) -> float:
         """Seconds left: the time this process has run, scaled by the work left over the work
         it has done (by the time budget's share where that is ahead)."""
-        work = (self.work_share(step / max(self.total, 1)) - self.start_work) / max(1 - self.start_work, 1e-9)
-        done = max(work, self.last_share)
+        done_here = self.work_share(step / max(self.total, 1)) - self.start_work
+        done = max(done_here / max(1 - self.start_work, 1e-9), self.last_share)
         return (self.clock() - self.start) * (1 - done) / max(done, 1e-9)
 
     def timed_s(self) -> float:
