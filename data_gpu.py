@@ -34,6 +34,7 @@ STD = (0.2470, 0.2435, 0.2616)
 
 _ARCHIVE = "cifar-10-python.tar.gz"
 _FOLDER = "cifar-10-batches-py"
+IMAGE_SIDE = 32  # CIFAR-10 images are 32x32 RGB
 _BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
 _CACHE_VERSION = 2  # 2: stamps hold content CRCs
 _HELP = f"pass --data PATH to the {_ARCHIVE} archive or its extracted {_FOLDER} folder"
@@ -243,7 +244,8 @@ def _decode(source):
     batches = [_unpickle_batch(raw.pop(name), f"{source}: {name}") for name in _BATCHES]
     (train_x, train_y), (test_x, test_y) = [
         [np.concatenate(parts) for parts in zip(*group)] for group in (batches[:5], batches[5:])]
-    as_images = lambda flat: torch.from_numpy(flat).reshape(-1, 3, 32, 32)  # rows are R, G, B planes
+    # rows are R, G, B planes
+    as_images = lambda flat: torch.from_numpy(flat).reshape(-1, 3, IMAGE_SIDE, IMAGE_SIDE)
     return {"train_x": as_images(train_x), "train_y": torch.from_numpy(train_y),
             "test_x": as_images(test_x), "test_y": torch.from_numpy(test_y)}
 
@@ -398,7 +400,7 @@ def _op_param(op, level, sign):
 _CONSTS = {}
 
 
-def device_constants(device, size=(32, 32)):
+def device_constants(device, size=(IMAGE_SIDE, IMAGE_SIDE)):
     """Per-device (and image size) constants, built once: the hot path never copies from the host.
     (A plain dict, not lru_cache: a compiled graph reads it; torch.compile would retrace a cached
     function's body.) "cuda" and "cuda:0" share one entry: an entry built for the first would

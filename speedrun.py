@@ -37,6 +37,7 @@ import kernels
 from kernels._triton import interpret_enabled
 
 NUM_CLASSES = 10
+SIDE = data_gpu.IMAGE_SIDE  # image side in pixels
 
 
 class UsageError(Exception):
@@ -307,8 +308,8 @@ def config_checks(cfg: Config, world_size: int = 1):
     yield (cfg.batch_size % world_size == 0,
            f"--batch-size {cfg.batch_size} is not divisible by the {world_size} processes")
     yield cfg.width % cfg.heads == 0, f"--width {cfg.width} is not divisible by --heads {cfg.heads}"
-    yield (32 % cfg.patch_size == 0 and cfg.patch_size % 2 == 0,
-           f"--patch-size must be even and divide 32 (got {cfg.patch_size})")
+    yield (SIDE % cfg.patch_size == 0 and cfg.patch_size % 2 == 0,
+           f"--patch-size must be even and divide {SIDE} (got {cfg.patch_size})")
     yield (int(cfg.width * cfg.mlp_ratio) >= 1,
            f"--mlp-ratio {cfg.mlp_ratio} leaves the MLP of width {cfg.width} without a unit")
     yield set(cfg.mla) <= set("qkv"), f"--mla takes letters from 'qkv' (got {cfg.mla!r})"
@@ -483,7 +484,7 @@ class ViT(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        grid = 32 // cfg.patch_size
+        grid = SIDE // cfg.patch_size
         if cfg.patch_embed == "spt":
             self.patch_embed = ShiftedPatchTokenization(cfg.width, cfg.patch_size)
         else:
@@ -1608,7 +1609,7 @@ class Budget:
         self.last_share = 0.0  # the share the last progress() used: the step's lr follows it
         # the run's work by step share, for the ETA: a step costs about as many tokens as it
         # keeps, so under a rising token share the last steps are dearer than the first
-        tokens = [keep_at(i / 1000, cfg) * (32 // cfg.patch_size) ** 2 + cfg.num_cls
+        tokens = [keep_at(i / 1000, cfg) * (SIDE // cfg.patch_size) ** 2 + cfg.num_cls
                   for i in range(1000)]
         self.work = [0.0, *itertools.accumulate(tokens)]
         self.start_work = self.work_share(step / max(total, 1))
@@ -1903,9 +1904,9 @@ def probe_img_per_s(cfg: Config, precisions=("bf16", "fp32"), steps: int = 6,
     ran first; each keeps its fastest step, the least disturbed. At most `seconds` of steps."""
     g = torch.Generator().manual_seed(0)
     n = 2 * cfg.batch_size
-    data = {"train_x": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+    data = {"train_x": torch.randint(0, 256, (n, 3, SIDE, SIDE), dtype=torch.uint8, generator=g),
             "train_y": torch.randint(0, NUM_CLASSES, (n,), generator=g),
-            "test_x": torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "test_y": torch.zeros(1).long()}
+            "test_x": torch.zeros(1, 3, SIDE, SIDE, dtype=torch.uint8), "test_y": torch.zeros(1).long()}
     trainers = {p: Trainer(dataclasses.replace(cfg, precision=p, compile="off", whiten=False,
                                                time_budget=0.0, max_steps=steps + 2, device="cpu"),
                            data, torch.device("cpu")) for p in precisions}
@@ -1972,7 +1973,7 @@ def count_flops_per_image(cfg: Config) -> float:
     # counted inside a run too (cpu_recipe_note): its random draws must not move the run's stream
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg)
-        x = torch.randn(2, 3, 32, 32)
+        x = torch.randn(2, 3, SIDE, SIDE)
         with FlopCounterMode(display=False) as counter:
             model(x).sum().backward()
     return counter.get_total_flops() / 2
