@@ -120,7 +120,7 @@ def trace_events(trace_path) -> list:
         return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
-def read_breakdown(events: list) -> dict:
+def read_breakdown(events: list, source: str = "the trace") -> dict:
     """Per active step, ms spent in each named range (and the step), from a trace's events."""
     marks = [e for e in events if e.get("cat") == "user_annotation"]
     steps = sorted((e for e in marks if e["name"].startswith("ProfilerStep#")), key=lambda e: e["ts"])
@@ -152,7 +152,7 @@ def read_breakdown(events: list) -> dict:
         ms["other"] = max(0.0, ms["step"] - sum(ms[p] for p in PARTS))
         per_step.append(ms)
     if not per_step:
-        raise RuntimeError("the trace holds no ProfilerStep ranges")
+        raise RuntimeError(f"{source} holds no ProfilerStep ranges")
     median = {c: statistics.median(s[c] for s in per_step) for c in COLUMNS}
     step_ms = sum(median.values())
     return {"timing": timing, "active_steps": len(per_step), "per_step_ms": per_step,
@@ -282,7 +282,7 @@ def profile(cfg, data, device, out, wait: int, warmup: int, active: int, capture
     profile_steps(trainer, wait, warmup, active, trace_path)
 
     events = trace_events(trace_path)
-    ours, paper = read_breakdown(events), paper_breakdown()
+    ours, paper = read_breakdown(events, trace_path), paper_breakdown()
     report = {"variant": cfg.variant, "device": str(device), "batch_size": cfg.batch_size,
               "precision": precision, "config": dataclasses.asdict(cfg),
               "captured": captured, "graph": bool(trainer.graphs),

@@ -1,6 +1,7 @@
 """bench/: throughput sweep, step profiler, plain reference model, activation counter. CPU, tiny
 configs, synthetic data; one thread so a loaded machine does not stall PyTorch's thread pool."""
 import json
+import re
 
 import pytest
 import torch
@@ -115,6 +116,14 @@ def test_breakdown_attributes_gpu_kernels_by_correlation(tmp_path):
     assert b["median_ms"]["backward"] == pytest.approx(0.010)
     assert b["median_ms"]["data"] == 0
     assert b["step_ms"] == pytest.approx(0.1)
+
+
+def test_a_trace_without_steps_is_named_in_the_error(tmp_path):
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": [{"ph": "X", "name": "forward", "ts": 0, "dur": 1,
+                                                 "cat": "user_annotation", "args": {}}]}))
+    with pytest.raises(RuntimeError, match=re.escape(f"{path} holds no ProfilerStep ranges")):
+        P.read_breakdown(P.trace_events(str(path)), str(path))
 
 
 def test_kernel_list_counts_a_steps_gpu_kernels_busy_time_and_gaps(tmp_path):
