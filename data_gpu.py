@@ -31,10 +31,10 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
+IMAGE_SIDE = 32  # CIFAR-10 images are 32x32 RGB
 
 _ARCHIVE = "cifar-10-python.tar.gz"
 _FOLDER = "cifar-10-batches-py"
-IMAGE_SIDE = 32  # CIFAR-10 images are 32x32 RGB
 _BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
 _CACHE_VERSION = 2  # 2: stamps hold content CRCs
 _HELP = f"pass --data PATH to the {_ARCHIVE} archive or its extracted {_FOLDER} folder"
