@@ -27,7 +27,7 @@ from common import saved_activation_bytes
 
 
 def step_bytes(model, batch: int, precision: str) -> int:
-    x = torch.randn(batch, 3, 32, 32)
+    x = torch.randn(batch, 3, speedrun.SIDE, speedrun.SIDE)
     dtype = torch.bfloat16 if precision == "bf16" else None
 
     def forward():
