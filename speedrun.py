@@ -68,6 +68,9 @@ class Config:
     pos_emb: str = _f("learned", "position embedding", choices=("learned", "sin"))
     patch_embed: str = _f("conv", "patch embedding: 4x4 conv, or Shifted Patch Tokenization",
                           choices=("conv", "spt"))
+    patch_context: int = _f(0, "pixels beyond its own patch, on every side, that each conv patch "
+                            "filter also reads (overlapping patches: filters patch+2c wide at "
+                            "stride patch, the image zero-padded by c); 0: the patch alone")
     whiten: bool = _f(False, "initialise patch filters from the whitening eigenvectors of patches")
     whiten_from: str = _f("augmented", "--whiten's patch statistics: augmented = the paper's code "
                           "(every stride-1 patch of the first 5,120 training images as augmented "
@@ -267,8 +270,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 # every numeric flag's valid range, as its error message states it; a bound may name another flag.
 # Finite values only: NaN and infinities are refused with the rest
 RANGES = {"width": "[1, inf)", "depth": "[1, inf)", "heads": "[1, inf)", "mlp_ratio": "(0, inf)",
-          "patch_size": "[2, 32]", "num_cls": "[0, inf)", "drop_path": "[0, 1)",
-          "latent_dim": "[1, inf)", "cls_only_blocks": "[0, --depth]",
+          "patch_size": "[2, 32]", "patch_context": "[0, --patch-size]", "num_cls": "[0, inf)",
+          "drop_path": "[0, 1)", "latent_dim": "[1, inf)", "cls_only_blocks": "[0, --depth]",
           "depth_token_only": "[0, inf)", "repeat_aug": "[1, inf)", "token_keep": "(0, 1]",
           "full_token_tail": "[0, 1]", "full_token_ramp": "[0, 1]", "crop_pad": "[0, 16]",
           "erase_prob": "[0, 1]", "mix_prob": "[0, 1]", "passes_per_epoch": "[1, inf)", "lr": "[0, inf)",
@@ -321,6 +324,8 @@ def config_checks(cfg: Config, world_size: int = 1):
            "--full-token-ramp and --full-token-tail add up to more than the run")
     yield not cfg.whiten or cfg.patch_embed == "conv", "--whiten sets conv patch filters: it " \
                                                         "needs --patch-embed conv"
+    yield (not cfg.patch_context or cfg.patch_embed == "conv",
+           "--patch-context widens conv patch filters: it needs --patch-embed conv")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,6 +473,15 @@ def patchify(x, p: int):
     return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
 
 
+def patch_windows(x, p: int, context: int):
+    """(B, C, H, W) -> (B, H/p · W/p, C·(p+2·context)²): what each patch filter of the conv reads,
+    its patch and `context` pixels of its (zero-padded) neighbours on every side, flattened as the
+    conv reads it."""
+    if not context:
+        return patchify(x, p)
+    return F.unfold(x, p + 2 * context, padding=context, stride=p).transpose(1, 2)
+
+
 def sincos_pos_embed(width: int, grid: int, num_cls: int) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding: half the channels encode the row, half the column; CLS rows 0."""
     omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
@@ -488,7 +502,9 @@ class ViT(nn.Module):
         if cfg.patch_embed == "spt":
             self.patch_embed = ShiftedPatchTokenization(cfg.width, cfg.patch_size)
         else:
-            self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
+            c = cfg.patch_context
+            self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size + 2 * c, cfg.patch_size,
+                                         padding=c)
         self.cls_token = nn.Parameter(torch.zeros(1, cfg.num_cls, cfg.width))
         num_tokens = cfg.num_cls + grid * grid
         if cfg.pos_emb == "sin":  # a buffer: never trained, saved with the model
@@ -522,7 +538,7 @@ class ViT(nn.Module):
         keep = torch.rand(B, P, device=images.device).argsort(1)[:, :max(1, round(P * token_keep))]
         pick = lambda t: t.gather(1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         if isinstance(self.patch_embed, nn.Conv2d):
-            patches = pick(patchify(images, self.cfg.patch_size))
+            patches = pick(patch_windows(images, self.cfg.patch_size, self.cfg.patch_context))
             x = F.linear(patches, self.patch_embed.weight.flatten(1), self.patch_embed.bias)
         else:  # SPT mixes neighbouring pixels and normalises: embed every patch, then draw
             x = pick(self.patch_embed(images))
@@ -585,8 +601,9 @@ def whiten_patch_embed(model: ViT, images: torch.Tensor, every_patch: bool = Fal
     if every_patch:
         eigval, eigvec = eigval.flip(0), eigvec.flip(1)
     filters = (eigvec / (eigval + eps).sqrt()).T  # row i: eigenvector i, scaled
-    n = min(filters.shape[0], conv.out_channels)
-    conv.weight[:n] = filters[:n].reshape(n, 3, p, p).to(conv.weight)
+    n, c = min(filters.shape[0], conv.out_channels), model.cfg.patch_context
+    conv.weight[:n] = 0  # with --patch-context the whitening fills each filter's centre
+    conv.weight[:n, :, c:c + p, c:c + p] = filters[:n].reshape(n, 3, p, p).to(conv.weight)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ def expected_params(cfg: S.Config) -> int:
     appended = 4 * w + 5 * (w * w + w) + (w * h + h + h * w + w)
     if cfg.patch_embed == "spt":
         embed = 2 * 15 * p * p + 15 * p * p * w + w
-    else:
-        embed = 3 * p * p * w + w
+    else:  # the conv's filters read the patch and --patch-context pixels around it
+        k = p + 2 * cfg.patch_context
+        embed = 3 * k * k * w + w
     pos = (cfg.num_cls + tokens) * w if cfg.pos_emb == "learned" else 0
     head_in = w * cfg.num_cls if cfg.pool == "cls" else w
     return embed + cfg.num_cls * w + pos + cfg.depth * block + cfg.depth_token_only * appended + \
@@ -145,6 +146,26 @@ def test_whitened_filters_decorrelate_patches():
     feats = feats.permute(0, 2, 3, 1).reshape(-1, 48).double()
     cov = torch.cov(feats.T)
     assert torch.allclose(cov, torch.eye(48, dtype=torch.double), atol=0.05)
+
+
+def test_overlapping_patch_filters_are_whitened_in_their_centre():
+    """--patch-context 2: 8x8 filters at stride 4; whitening writes the same 4x4 filters into
+    their centre, the context around them starting at zero, so the whitened outputs are those of
+    plain patches."""
+    images = correlated_images(200)
+    plain = S.build_model(S.resolve_config("whiten", whiten_from="raw"))
+    wide = S.build_model(S.resolve_config("whiten", whiten_from="raw", patch_context=2))
+    assert wide.patch_embed.weight.shape[-2:] == (8, 8) and wide.patch_embed.stride == (4, 4)
+    for model in (plain, wide):
+        S.whiten_patch_embed(model, images)
+    w = wide.patch_embed.weight[:48].detach()
+    assert torch.equal(w[:, :, 2:6, 2:6], plain.patch_embed.weight[:48].detach())
+    assert w.abs().sum() == w[:, :, 2:6, 2:6].abs().sum()  # nothing outside the centre
+    with torch.no_grad():
+        out = [m.patch_embed(images)[:, :48] - m.patch_embed.bias[:48, None, None]
+               for m in (plain, wide)]
+    assert out[1].shape == out[0].shape == (200, 48, 8, 8)
+    assert torch.allclose(out[1], out[0], atol=1e-4)
 
 
 def test_paper_whitening_takes_every_patch_uncentred_largest_eigenvalue_first():
@@ -301,6 +322,8 @@ def test_help_explains_every_flag(capsys):
     (["--crop-pad", "20"], "--crop-pad must be in [0, 16]"),
     (["--token-keep", "0"], "--token-keep must be in (0, 1]"),
     (["--full-token-tail", "1.5"], "--full-token-tail must be in [0, 1]"),
+    (["--patch-context", "5"], "--patch-context must be in [0, --patch-size] (got 5; --patch-size is 4)"),
+    (["--patch-context", "1", "--patch-embed", "spt"], "--patch-context widens conv patch filters"),
     (["--variant", "mcsl"], "did you mean mcls"),
     (["--repeat-aug", "0"], "--repeat-aug must be in [1, inf)"),
     (["--eval-every", "-1"], "--eval-every must be in [0, inf)"),
@@ -545,13 +568,15 @@ def test_crop_pad_reaches_the_batches(crop_pad):
     assert all(unshifted) if crop_pad == 0 else not all(unshifted)
 
 
-@pytest.mark.parametrize("patch_embed", ["conv", "spt"])
-def test_token_keep_drops_patch_tokens_in_training_only(patch_embed):
+@pytest.mark.parametrize("patch_embed, context", [("conv", 0), ("conv", 2), ("spt", 0)])
+def test_token_keep_drops_patch_tokens_in_training_only(patch_embed, context):
     """--token-keep 0.5: the blocks see the CLS tokens and 32 of the 64 patch tokens while
     training, different ones per image; evaluation sees every token, as with --token-keep 1.
-    (The conv embeds only the kept patches, SPT embeds all and then draws: same tokens.)"""
+    (The conv embeds only the kept patches, from their windows when they overlap; SPT embeds all
+    and then draws: same tokens.)"""
     torch.manual_seed(0)
     small = dict(num_cls=2, width=32, heads=2, depth=1, patch_embed=patch_embed,
+                 patch_context=context,
                  whiten=patch_embed == "conv")  # whitening sets conv filters: SPT has none
     full = S.build_model(S.resolve_config("cpu-speedrun", **small))
     half = S.build_model(S.resolve_config("cpu-speedrun", **small))
