@@ -66,8 +66,8 @@ class Config:
     num_cls: int = _f(1, "number of CLS tokens; the head reads all their final states concatenated")
     drop_path: float = _f(0.1, "stochastic depth rate of the last block (rises linearly from 0)")
     pos_emb: str = _f("learned", "position embedding", choices=("learned", "sin"))
-    patch_embed: str = _f("conv", "patch embedding: 4x4 conv, or Shifted Patch Tokenization",
-                          choices=("conv", "spt"))
+    patch_embed: str = _f("conv", "patch embedding: a conv per patch (see --patch-context), or "
+                          "Shifted Patch Tokenization", choices=("conv", "spt"))
     patch_context: int = _f(0, "pixels beyond its own patch, on every side, that each conv patch "
                             "filter also reads (overlapping patches: filters patch+2c wide at "
                             "stride patch, the image zero-padded by c); 0: the patch alone")
@@ -171,7 +171,8 @@ class Variant:
 
 # the cpu-speedrun recipe (its reasons are beside its entry below), shared by its fp32 retuning
 CPU_SPEEDRUN = {"width": 128, "depth": 7, "heads": 2, "batch_size": 128, "optimizer": "muon",
-                "whiten": True, "whiten_from": "raw", "decay_params": "matrices", "drop_last": False,
+                "whiten": True, "whiten_from": "raw", "patch_context": 2,
+                "decay_params": "matrices", "drop_last": False,
                 "token_keep": 0.25, "full_token_ramp": 0.3, "full_token_tail": 0.1,
                 "crop_pad": 0, "autoaugment": False, "mix_prob": 0.0, "erase_prob": 0.0,
                 "label_smoothing": 0.0, "drop_path": 0.0, "epochs": 30.0,
@@ -179,9 +180,11 @@ CPU_SPEEDRUN = {"width": 128, "depth": 7, "heads": 2, "batch_size": 128, "optimi
                 "time_budget": 600.0}
 
 # what cpu-speedrun changes for each precision: fp32 steps cost twice bf16's where bf16 has
-# matrix units, so fp32 buys cheaper images (fit_cpu_speedrun picks one by measuring)
+# matrix units, so fp32 buys cheaper images (fit_cpu_speedrun picks one by measuring); the
+# overlapping patches were measured in bf16 only, so fp32 keeps plain ones
 CPU_TUNING = {"bf16": {"precision": "bf16"},
-              "fp32": {"precision": "fp32", "width": 96, "depth": 4, "token_keep": 0.125}}
+              "fp32": {"precision": "fp32", "width": 96, "depth": 4, "token_keep": 0.125,
+                       "patch_context": 0}}
 # bf16 is chosen where it trains at least this much faster than fp32: on the AMX Xeon its lead
 # for this small model is only 1.05-1.4x, yet bf16 with the preset's tuning beat fp32 with
 # cheaper images by 4 points at 1.27x; without bf16 units it is far below 1
@@ -224,14 +227,15 @@ VARIANTS = {
     # ten minutes are too few for regularisation to pay, so every choice buys images/s, faster
     # fitting or depth (the measurements: bench/README.md, CPU speedrun); 30 epochs is a cap the
     # time budget always meets first
-    "cpu-speedrun": Variant("10-minute CPU preset: width 128, depth 7, 2 heads, whitened patches, "
-                            "Muon, a quarter of the tokens rising to all over 60-90 % of the run, "
-                            "flips only, flip TTA, schedule fitted to --time-budget (600 s)",
+    "cpu-speedrun": Variant("10-minute CPU preset: width 128, depth 7, 2 heads, whitened 8x8 "
+                            "patch filters at stride 4, Muon, a quarter of the tokens rising to "
+                            "all over 60-90 % of the run, flips only, flip TTA, schedule fitted "
+                            "to --time-budget (600 s)",
                             CPU_SPEEDRUN),
     # fp32 runs at about half the images/s of bf16, so the same ten minutes favour cheaper
     # images still (bench/README.md, CPU without bf16 units)
     "cpu-speedrun-fp32": Variant("cpu-speedrun for CPUs without bf16 units (fp32): width 96, "
-                                 "depth 4, an eighth of the tokens before the rise",
+                                 "depth 4, an eighth of the tokens before the rise, 4x4 patches",
                                  {**CPU_SPEEDRUN, **CPU_TUNING["fp32"]}),
 }
 
