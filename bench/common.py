@@ -178,7 +178,7 @@ def load_data(path: str = "", n_train: int = 4096, seed: int = 0) -> dict:
     if path:
         return data_gpu.load_cifar10(path, log=lambda *a, **k: None)
     g = torch.Generator().manual_seed(seed)
-    n_test, image = 256, (3, data_gpu.IMAGE_SIDE, data_gpu.IMAGE_SIDE)
+    n_test, image = 256, (3, speedrun.SIDE, speedrun.SIDE)
     return {"train_x": torch.randint(0, 256, (n_train, *image), dtype=torch.uint8, generator=g),
             "train_y": torch.randint(0, speedrun.NUM_CLASSES, (n_train,), generator=g),
             "test_x": torch.randint(0, 256, (n_test, *image), dtype=torch.uint8, generator=g),
