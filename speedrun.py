@@ -180,11 +180,9 @@ CPU_SPEEDRUN = {"width": 128, "depth": 7, "heads": 2, "batch_size": 128, "optimi
                 "time_budget": 600.0}
 
 # what cpu-speedrun changes for each precision: fp32 steps cost twice bf16's where bf16 has
-# matrix units, so fp32 buys cheaper images (fit_cpu_speedrun picks one by measuring); the
-# overlapping patches were measured in bf16 only, so fp32 keeps plain ones
+# matrix units, so fp32 buys cheaper images (fit_cpu_speedrun picks one by measuring)
 CPU_TUNING = {"bf16": {"precision": "bf16"},
-              "fp32": {"precision": "fp32", "width": 96, "depth": 4, "token_keep": 0.125,
-                       "patch_context": 0}}
+              "fp32": {"precision": "fp32", "width": 96, "depth": 4, "token_keep": 0.125}}
 # bf16 is chosen where it trains at least this much faster than fp32: on the AMX Xeon its lead
 # for this small model is only 1.05-1.4x, yet bf16 with the preset's tuning beat fp32 with
 # cheaper images by 4 points at 1.27x; without bf16 units it is far below 1
@@ -235,7 +233,7 @@ VARIANTS = {
     # fp32 runs at about half the images/s of bf16, so the same ten minutes favour cheaper
     # images still (bench/README.md, CPU without bf16 units)
     "cpu-speedrun-fp32": Variant("cpu-speedrun for CPUs without bf16 units (fp32): width 96, "
-                                 "depth 4, an eighth of the tokens before the rise, 4x4 patches",
+                                 "depth 4, an eighth of the tokens before the rise",
                                  {**CPU_SPEEDRUN, **CPU_TUNING["fp32"]}),
 }
 
