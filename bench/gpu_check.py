@@ -2,8 +2,8 @@
 
     python bench/gpu_check.py [--data ../shared/data/cifar-10-python.tar.gz]
 
-In about 8 minutes on a fresh H200 (measured before the profile part, which adds one compile of
-mcls) it runs, in order (a part that fails is reported and the rest still run):
+In about 8 minutes on a fresh H200 (measured before the profile part and the step's two probes,
+which add three compiles of mcls) it runs, in order (a part that fails is reported and the rest still run):
   1. tests       tests/test_cuda.py in a fresh process: no host syncs inside training steps,
                  the Triton kernels against their references on the device, compiled against
                  eager losses, no recompiles after the warm-up;
@@ -12,10 +12,14 @@ mcls) it runs, in order (a part that fails is reported and the rest still run):
   3. steps       --steps compiled training steps each of mcls and baseline as a run takes
                  them (after Trainer.prepare: compiled, and on CUDA replayed as a CUDA graph),
                  then as many unrecorded ones split into data+forward / backward / optimizer
-                 by CUDA events (on CPU by the clock, eager);
+                 by CUDA events (on CPU by the clock, eager); then two probes of where mcls's
+                 time goes: its step with --kernels torch (Inductor's attention in place of
+                 ours), and at 4x the batch (a step bound by per-kernel costs, not by bytes,
+                 takes about as long for 4x the images);
   4. profile     20 replays of that mcls step under the profiler (bench/trace_step.py
                  --captured): its GPU kernels, their busy time against the step's, the gaps
-                 between them, the ten longest; a trace to open in Perfetto;
+                 between them, the ten longest, the time by kind of kernel (ours, matmuls,
+                 Inductor's, optimizer); a trace to open in Perfetto;
   5. table1      bench/throughput.py's forward and training throughput and memory of the
                  baseline at --batch-sizes (eager: a compile per batch size would not fit);
   6. epoch       one epoch of mcls through speedrun.train (compiled: warm-up, then the timed run
@@ -129,6 +133,26 @@ class PhaseTimer:
             torch.cuda.synchronize()
             return {n: sum(a.elapsed_time(b) for a, b in s) / max(len(s), 1) for n, s in self.spans.items()}
         return {n: 1000 * sum(s) / max(len(s), 1) for n, s in self.spans.items()}
+
+
+def step_rows(mcls, baseline) -> list:
+    """The configurations the steps part times: (label, config). The probes change one thing of
+    mcls each; a probe's failure is its row's, not the part's."""
+    return [("mcls", mcls), ("baseline", baseline),
+            ("mcls, kernels torch", dataclasses.replace(mcls, kernels="torch")),
+            ("mcls, 4x batch", dataclasses.replace(mcls, batch_size=4 * mcls.batch_size))]
+
+
+def time_rows(rows, data, device, steps: int) -> list:
+    timed = []
+    for label, cfg in rows:
+        try:
+            timed.append({"label": label, **time_steps(cfg, data, device, steps)})
+        except Exception as e:  # noqa: BLE001  the other rows still say what they measured
+            traceback.print_exc()
+            timed.append({"label": label, "variant": cfg.variant, "batch_size": cfg.batch_size,
+                          "error": " ".join(f"{type(e).__name__}: {e}".split())[:200]})
+    return timed
 
 
 def time_steps(cfg, data, device, steps: int) -> dict:
@@ -247,11 +271,15 @@ def markdown(report) -> str:
             lines.append(f"- **{name}**: FAILED: {part['error']}")
     if "steps" in parts and "rows" in parts["steps"]:
         lines += ["", "### Training step, phase by phase (mean ms)", "",
-                  "| variant | batch | compiled | CUDA graph | step ms | img/s | "
-                  "data+forward / backward / optimizer ms (unrecorded) |", "|---|---:|---|---|---:|---:|---:|"]
+                  "| row | batch | kernels | compiled | CUDA graph | step ms | img/s | "
+                  "data+forward / backward / optimizer ms (unrecorded) |",
+                  "|---|---:|---|---|---|---:|---:|---:|"]
         yes = lambda flag: "yes" if flag else "no"
         for r in parts["steps"]["rows"]:
-            lines.append(f"| {r['variant']} | {r['batch_size']} | {yes(r['compiled'])} | "
+            if "error" in r:
+                lines.append(f"| {r['label']} | {r['batch_size']} | FAILED: {r['error']} ||||||")
+                continue
+            lines.append(f"| {r['label']} | {r['batch_size']} | {r['kernels']} | {yes(r['compiled'])} | "
                          f"{yes(r['cuda_graph'])} | {r['step_ms']:.2f} | {r['img_per_s']:,.0f} | "
                          f"{fmt_ms(r['phase_ms'])} |")
     if parts.get("profile", {}).get("gpu_kernels"):
@@ -298,7 +326,8 @@ def figures(parts) -> list:
         return f"{name}: {text(p)}"
 
     def steps(p):
-        return "; ".join(f"{r['variant']} {r['step_ms']:.2f} ms/step at batch {r['batch_size']} "
+        return "; ".join(f"{r['label']} FAILED ({r['error']})" if "error" in r else
+                         f"{r['label']} {r['step_ms']:.2f} ms/step at batch {r['batch_size']} "
                          f"({r['img_per_s']:,.0f} img/s; data+fwd/bwd/opt {fmt_ms(r['phase_ms'])} ms)"
                          for r in p["rows"])
 
@@ -385,7 +414,7 @@ def run(argv=None) -> int:
     runs = {
         "tests": run_cuda_tests,
         "kernels": lambda: run_kernel_sweep(device),
-        "steps": lambda: {"rows": [time_steps(c, data, device, steps) for c in (mcls, baseline)]},
+        "steps": lambda: {"rows": time_rows(step_rows(mcls, baseline), data, device, steps)},
         "profile": lambda: profile_step(mcls, data, device, os.path.join(out, "profile-mcls")),
         "table1": lambda: {"precision": "bf16" if cuda else "auto",
                            "rows": table1(dataclasses.replace(baseline, compile="off"), batch_sizes,
@@ -405,7 +434,8 @@ def run(argv=None) -> int:
     for line in report["figures"]:
         print(line)
     print(f"\ngpu_check: {report['seconds']:.0f} s; wrote {out}/gpu_check.md, gpu_check.json")
-    failed = any("error" in p or p.get("ok") is False for p in parts.values())
+    failed = any("error" in p or p.get("ok") is False or any("error" in r for r in p.get("rows", []))
+                 for p in parts.values())
     return 1 if failed else 0
 
 

@@ -55,6 +55,21 @@ PARTS = ("data", "forward", "backward", "optimizer")
 COLUMNS = PARTS + ("other",)
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+# what a GPU kernel is, by its name, first match wins (SDPA's "fmha_cutlass..." is attention, not
+# a matmul): the question a replayed step's profile answers is which kind of kernel its time goes to
+KERNEL_KINDS = (("attention (ours, Triton)", ("_attn_fwd", "_attn_bwd")),
+                ("low-rank (ours, Triton)", ("lowrank",)),
+                ("attention (PyTorch's)", ("flash", "fmha", "sdpa", "attention", "attn")),
+                ("matmul (cuBLAS/CUTLASS)", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm80_",
+                                             "sm90_", "ampere_", "hopper_")),
+                ("optimizer", ("multi_tensor", "foreach", "adam", "lion")),
+                ("Inductor's fused (triton_)", ("triton_",)),
+                ("copies and fills", ("memcpy", "memset", "copy", "fill")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in low for m in marks)), "other")
 
 
 def build_parser():
@@ -164,7 +179,8 @@ def read_breakdown(events: list, source: str = "the trace") -> dict:
 def read_kernels(events: list, top: int = 10) -> Optional[dict]:
     """Per active step (means): the GPU kernels (and copies) that ran inside it, their busy time,
     the span from the first start to the last end, and the gaps between them; the `top` kernels
-    by time per step. None for a trace without GPU activity (a CPU run)."""
+    by time per step, and every kernel summed by kind (KERNEL_KINDS). None for a trace without
+    GPU activity (a CPU run)."""
     steps = [e for e in events if e.get("cat") == "user_annotation"
              and e["name"].startswith("ProfilerStep#")]
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
@@ -189,11 +205,16 @@ def read_kernels(events: list, top: int = 10) -> Optional[dict]:
         return None
     n = len(per_step)
     mean = {k: statistics.fmean(s[k] for s in per_step) for k in per_step[0]}
-    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
-    return {"steps": n, **mean,
-            "top": [{"name": name, "calls": calls / n, "ms": us / n / 1000,
-                     "percent_of_busy": 100 * us / n / 1000 / mean["busy_ms"] if mean["busy_ms"] else 0.0}
-                    for name, (calls, us) in ranked]}
+    by_kind = {}
+    for name, (calls, us) in by_name.items():
+        kind_calls, kind_us = by_kind.get(kernel_kind(name), (0, 0.0))
+        by_kind[kernel_kind(name)] = (kind_calls + calls, kind_us + us)
+
+    def rows(totals, key):
+        return [{key: name, "calls": calls / n, "ms": us / n / 1000, "mean_us": us / calls,
+                 "percent_of_busy": 100 * us / n / 1000 / mean["busy_ms"] if mean["busy_ms"] else 0.0}
+                for name, (calls, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])]
+    return {"steps": n, **mean, "top": rows(by_name, "name")[:top], "kinds": rows(by_kind, "kind")}
 
 
 def kernel_text(k: dict) -> str:
@@ -204,6 +225,10 @@ def kernel_text(k: dict) -> str:
              "| kernel | calls/step | ms/step | % of busy |", "|---|---:|---:|---:|"]
     lines += [f"| `{t['name'][:70]}` | {t['calls']:.0f} | {t['ms']:.3f} | {t['percent_of_busy']:.1f} |"
               for t in k["top"]]
+    lines += ["", "| kind of kernel | calls/step | ms/step | mean us/call | % of busy |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {t['kind']} | {t['calls']:.0f} | {t['ms']:.3f} | {t['mean_us']:.1f} | "
+              f"{t['percent_of_busy']:.1f} |" for t in k["kinds"]]
     return "\n".join(lines)
 
 

@@ -148,9 +148,27 @@ def test_kernel_list_counts_a_steps_gpu_kernels_busy_time_and_gaps(tmp_path):
     assert [t["name"] for t in k["top"]] == ["gemm", "gelu"]
     assert k["top"][0]["calls"] == 1.5 and k["top"][0]["ms"] == pytest.approx(0.03)
     assert "| `gemm` | 2 | 0.030 |" in P.kernel_text(k)
+    assert [(t["kind"], t["calls"], t["mean_us"]) for t in k["kinds"]] == [
+        ("matmul (cuBLAS/CUTLASS)", 1.5, 20.0), ("other", 0.5, 10.0), ("copies and fills", 0.5, 1.0)]
+    assert "| matmul (cuBLAS/CUTLASS) | 2 | 0.030 | 20.0 |" in P.kernel_text(k)
     cpu_only = tmp_path / "cpu.json"
     cpu_only.write_text(json.dumps({"traceEvents": events[:1]}))
     assert P.read_kernels(P.trace_events(str(cpu_only))) is None
+
+
+def test_kernel_kinds_follow_the_names_a_replayed_step_shows():
+    """Ours before PyTorch's, attention before matmul (SDPA's CUTLASS kernels are attention)."""
+    kinds = {"_attn_bwd_kernel": "attention (ours, Triton)",
+             "_lowrank_fwd_kernel": "low-rank (ours, Triton)",
+             "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention (PyTorch's)",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<32>>": "attention (PyTorch's)",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x64x64": "matmul (cuBLAS/CUTLASS)",
+             "nvjet_tst_128x64_64x8_1x1_v_bz_TNT": "matmul (cuBLAS/CUTLASS)",
+             "void at::native::multi_tensor_apply_kernel<...>": "optimizer",
+             "triton_poi_fused__to_copy_add_native_layer_norm_0": "Inductor's fused (triton_)",
+             "Memcpy DtoD (Device -> Device)": "copies and fills",
+             "void at::native::vectorized_elementwise_kernel<4, ...>": "other"}
+    assert {name: P.kernel_kind(name) for name in kinds} == kinds
 
 
 def test_profile_of_the_prepared_step_on_cpu(tmp_path, capsys):
@@ -376,8 +394,11 @@ def test_gpu_check_reduced_form_on_cpu(tiny_cifar, tmp_path, capsys):
     parts = json.load(open(out / "gpu_check.json"))["parts"]
     assert "needs CUDA" in parts["tests"]["skipped"] and "needs CUDA" in parts["kernels"]["skipped"]
     steps = parts["steps"]["rows"]
-    assert [(r["variant"], r["steps"], r["compiled"]) for r in steps] == [("mcls", 2, False),
-                                                                         ("baseline", 2, False)]
+    assert [(r["label"], r["variant"], r["batch_size"], r["kernels"], r["steps"], r["compiled"])
+            for r in steps] == [("mcls", "mcls", 64, "torch", 2, False),
+                                ("baseline", "baseline", 64, "torch", 2, False),
+                                ("mcls, kernels torch", "mcls", 64, "torch", 2, False),
+                                ("mcls, 4x batch", "mcls", 256, "torch", 2, False)]
     for r in steps:
         assert set(r["phase_ms"]) == set(G.PHASES) and min(r["phase_ms"].values()) > 0
         assert r["cuda_graph"] is False
@@ -395,7 +416,30 @@ def test_gpu_check_reduced_form_on_cpu(tiny_cifar, tmp_path, capsys):
     assert [f.split(":")[0] for f in figures] == ["tests", "kernels", "steps", "profile", "table1",
                                                       "epoch"]
     report = (out / "gpu_check.md").read_text()
-    assert "## Figures" in report and "profile: mcls step" in report and "| mcls | 64 | no | no |" in report
+    assert "## Figures" in report and "profile: mcls step" in report
+    assert "| mcls | 64 | torch | no | no |" in report and "| mcls, 4x batch | 256 | torch | no | no |" in report
+
+
+def test_gpu_check_a_failing_step_probe_fails_its_row_only(tiny_cifar, tmp_path, monkeypatch, capsys):
+    """A probe that breaks on a GPU (a kernel backend that will not compile there) costs its row:
+    the other rows and parts still report, and the check exits 1."""
+    import gpu_check as G
+    real = G.time_steps
+
+    def breaks_on_big_batches(cfg, *a, **k):
+        if cfg.batch_size > 64:
+            raise RuntimeError("out of luck")
+        return real(cfg, *a, **k)
+    monkeypatch.setattr(G, "time_steps", breaks_on_big_batches)
+    out = tmp_path / "check"
+    argv = ["--device", "cpu", "--set", "width=32", "depth=1", "heads=2", "--steps", "1",
+            "--parts", "steps", "--out", str(out)]
+    assert G.main(argv) == 1
+    rows = json.load(open(out / "gpu_check.json"))["parts"]["steps"]["rows"]
+    assert ["error" in r for r in rows] == [False, False, False, True]
+    assert rows[3]["error"] == "RuntimeError: out of luck"
+    assert "mcls, 4x batch FAILED (RuntimeError: out of luck)" in (out / "gpu_check.md").read_text()
+    assert "| mcls, 4x batch | 256 | FAILED: RuntimeError: out of luck |" in (out / "gpu_check.md").read_text()
 
 
 def test_gpu_check_runs_the_parts_asked_in_their_order_and_keeps_each_report(tiny_cifar, tmp_path,
