@@ -2,8 +2,8 @@
 
     python bench/gpu_check.py [--data ../shared/data/cifar-10-python.tar.gz]
 
-In about 8 minutes on a fresh H200 (measured before the profile part and the step's two probes,
-which add three compiles of mcls) it runs, in order (a part that fails is reported and the rest still run):
+In about 8 minutes on a fresh H200 (measured before the profile part and the step's three probes,
+which add four compiles of mcls) it runs, in order (a part that fails is reported and the rest still run):
   1. tests       tests/test_cuda.py in a fresh process: no host syncs inside training steps,
                  the Triton kernels against their references on the device, compiled against
                  eager losses, no recompiles after the warm-up;
@@ -12,10 +12,11 @@ which add three compiles of mcls) it runs, in order (a part that fails is report
   3. steps       --steps compiled training steps each of mcls and baseline as a run takes
                  them (after Trainer.prepare: compiled, and on CUDA replayed as a CUDA graph),
                  then as many unrecorded ones split into data+forward / backward / optimizer
-                 by CUDA events (on CPU by the clock, eager); then two probes of where mcls's
-                 time goes: its step with --kernels torch (Inductor's attention in place of
-                 ours), and at 4x the batch (a step bound by per-kernel costs, not by bytes,
-                 takes about as long for 4x the images);
+                 by CUDA events (on CPU by the clock, eager); then three probes of where
+                 mcls's time goes: its step with --kernels torch (Inductor's attention in place
+                 of ours), at 4x the batch (a step bound by per-kernel costs, not by bytes,
+                 takes about as long for 4x the images), and without AutoAugment (most of the
+                 step's Inductor kernels are the augmentation's);
   4. profile     20 replays of that mcls step under the profiler (bench/trace_step.py
                  --captured): its GPU kernels, their busy time against the step's, the gaps
                  between them, the ten longest, the time by kind of kernel (ours, matmuls,
@@ -140,7 +141,8 @@ def step_rows(mcls, baseline) -> list:
     mcls each; a probe's failure is its row's, not the part's."""
     return [("mcls", mcls), ("baseline", baseline),
             ("mcls, kernels torch", dataclasses.replace(mcls, kernels="torch")),
-            ("mcls, 4x batch", dataclasses.replace(mcls, batch_size=4 * mcls.batch_size))]
+            ("mcls, 4x batch", dataclasses.replace(mcls, batch_size=4 * mcls.batch_size)),
+            ("mcls, no AutoAugment", dataclasses.replace(mcls, autoaugment=False))]
 
 
 def time_rows(rows, data, device, steps: int) -> list:

@@ -398,7 +398,8 @@ def test_gpu_check_reduced_form_on_cpu(tiny_cifar, tmp_path, capsys):
             for r in steps] == [("mcls", "mcls", 64, "torch", 2, False),
                                 ("baseline", "baseline", 64, "torch", 2, False),
                                 ("mcls, kernels torch", "mcls", 64, "torch", 2, False),
-                                ("mcls, 4x batch", "mcls", 256, "torch", 2, False)]
+                                ("mcls, 4x batch", "mcls", 256, "torch", 2, False),
+                                ("mcls, no AutoAugment", "mcls", 64, "torch", 2, False)]
     for r in steps:
         assert set(r["phase_ms"]) == set(G.PHASES) and min(r["phase_ms"].values()) > 0
         assert r["cuda_graph"] is False
@@ -436,7 +437,7 @@ def test_gpu_check_a_failing_step_probe_fails_its_row_only(tiny_cifar, tmp_path,
             "--parts", "steps", "--out", str(out)]
     assert G.main(argv) == 1
     rows = json.load(open(out / "gpu_check.json"))["parts"]["steps"]["rows"]
-    assert ["error" in r for r in rows] == [False, False, False, True]
+    assert ["error" in r for r in rows] == [False, False, False, True, False]
     assert rows[3]["error"] == "RuntimeError: out of luck"
     assert "mcls, 4x batch FAILED (RuntimeError: out of luck)" in (out / "gpu_check.md").read_text()
     assert "| mcls, 4x batch | 256 | FAILED: RuntimeError: out of luck |" in (out / "gpu_check.md").read_text()
