@@ -160,6 +160,11 @@ class Config:
                                     "as scatter/index backward passes lose their atomic adds and cuBLAS "
                                     "its free choice of kernels (CPU runs are deterministic anyway)")
 
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens of a whole image."""
+        return (SIDE // self.patch_size) ** 2
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -508,7 +513,7 @@ class ViT(nn.Module):
             self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size + 2 * c, cfg.patch_size,
                                          padding=c)
         self.cls_token = nn.Parameter(torch.zeros(1, cfg.num_cls, cfg.width))
-        num_tokens = cfg.num_cls + grid * grid
+        num_tokens = cfg.num_cls + cfg.num_patches
         if cfg.pos_emb == "sin":  # a buffer: never trained, saved with the model
             self.register_buffer("pos_embed", sincos_pos_embed(cfg.width, grid, cfg.num_cls))
         else:
@@ -537,7 +542,7 @@ class ViT(nn.Module):
             x = self.patch_embed(images)
             return (x.flatten(2).transpose(1, 2) if x.dim() == 4 else x) + pos
         B, P = images.shape[0], pos.shape[1]
-        keep = torch.rand(B, P, device=images.device).argsort(1)[:, :max(1, round(P * token_keep))]
+        keep = torch.rand(B, P, device=images.device).argsort(1)[:, :kept_patches(P, token_keep)]
         pick = lambda t: t.gather(1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         if isinstance(self.patch_embed, nn.Conv2d):
             patches = pick(patch_windows(images, self.cfg.patch_size, self.cfg.patch_context))
@@ -783,6 +788,11 @@ def keep_at(progress: float, cfg: Config) -> float:
     rise = (progress - tail + cfg.full_token_ramp) / cfg.full_token_ramp if cfg.full_token_ramp else 0
     eighths = math.floor((cfg.token_keep + (1 - cfg.token_keep) * rise) * 8 + 1e-9)  # 1e-9: rounding
     return max(cfg.token_keep, eighths / 8)
+
+
+def kept_patches(num_patches: int, keep: float) -> int:
+    """Patch tokens an image keeps at token share `keep`: at least one."""
+    return max(1, round(num_patches * keep))
 
 
 def keep_levels(cfg: Config) -> list:
@@ -1628,7 +1638,7 @@ class Budget:
         self.last_share = 0.0  # the share the last progress() used: the step's lr follows it
         # the run's work by step share, for the ETA: a step costs about as many tokens as it
         # keeps, so under a rising token share the last steps are dearer than the first
-        tokens = [keep_at(i / 1000, cfg) * (SIDE // cfg.patch_size) ** 2 + cfg.num_cls
+        tokens = [kept_patches(cfg.num_patches, keep_at(i / 1000, cfg)) + cfg.num_cls
                   for i in range(1000)]
         self.work = [0.0, *itertools.accumulate(tokens)]
         self.start_work = self.work_share(step / max(total, 1))
@@ -1956,7 +1966,8 @@ def fit_cpu_speedrun(cfg: Config, typed: set, log=print) -> Config:
         speed = probe_img_per_s(cfg)
         bf16, fp32 = speed["bf16"], speed["fp32"]
         choice = "bf16" if bf16 >= CPU_BF16_LEAD * fp32 else "fp32"
-        why = f"bf16 trains it at {bf16:,.0f} img/s, fp32 at {fp32:,.0f} (x{bf16 / fp32:.2f})"
+        why = (f"the preset's model trains at {bf16:,.0f} img/s in bf16, {fp32:,.0f} in fp32 "
+               f"(x{bf16 / fp32:.2f})")
     tuned = {k: v for k, v in CPU_TUNING[choice].items() if k not in typed}
     cfg = dataclasses.replace(cfg, **tuned, fitted_because=why)  # config.json keeps the reason
     validate(cfg)

@@ -237,7 +237,7 @@ class Eta:
     def cost(self, cfg) -> float:
         if cfg.variant not in self._per_image:
             params = sum(p.numel() for p in speedrun.build_model(cfg).parameters())
-            tokens = (32 // cfg.patch_size) ** 2 + cfg.num_cls
+            tokens = cfg.num_patches + cfg.num_cls
             self._per_image[cfg.variant] = params * tokens
         images = cfg.max_steps * cfg.batch_size if cfg.max_steps \
             else cfg.epochs * cfg.passes_per_epoch * 50_000
