@@ -2,8 +2,9 @@
 
     python bench/gpu_check.py [--data ../shared/data/cifar-10-python.tar.gz]
 
-In about 8 minutes on a fresh H200 (measured before the profile part and the step's three probes,
-which add four compiles of mcls) it runs, in order (a part that fails is reported and the rest still run):
+In about 8 minutes on a fresh H200 (measured before the profile part and the step's three
+probes, which add four compiles of mcls) it runs, in order (a part that fails is reported and
+the rest still run):
   1. tests       tests/test_cuda.py in a fresh process: no host syncs inside training steps,
                  the Triton kernels against their references on the device, compiled against
                  eager losses, no recompiles after the warm-up;
@@ -15,8 +16,8 @@ which add four compiles of mcls) it runs, in order (a part that fails is reporte
                  by CUDA events (on CPU by the clock, eager); then three probes of where
                  mcls's time goes: its step with --kernels torch (Inductor's attention in place
                  of ours), at 4x the batch (a step bound by per-kernel costs, not by bytes,
-                 takes about as long for 4x the images), and without AutoAugment (most of the
-                 step's Inductor kernels are the augmentation's);
+                 takes about as long for 4x the images), and without AutoAugment (Inductor
+                 schedules 43 kernels for a step's data, 14 without it);
   4. profile     20 replays of that mcls step under the profiler (bench/trace_step.py
                  --captured): its GPU kernels, their busy time against the step's, the gaps
                  between them, the ten longest, the time by kind of kernel (ours, matmuls,

@@ -328,6 +328,7 @@ class InductorBytes:
         return {"graph_bytes": self.total(),
                 "inductor_graph_bytes": sum(g["inductor_bytes"] for g in self.graphs),
                 "bytes_by_graph": [g["bytes"] for g in self.graphs],
+                "kernels_by_graph": [len(g["kernels"]) for g in self.graphs],
                 "top_kernels": [{"graph": i, **k} for i, k in kernels[:top]]}
 
 
@@ -485,9 +486,12 @@ def _bytes_table(report) -> list:
         return []
     lines = ["", "Fused bytes per step (GB): the compiled graphs in compile order (1: data + forward "
              "+ loss, 2: backward), the ops outside them (optimizer), and Inductor's own count of "
-             "the graphs (a fused kernel's buffers counted whole).", "",
-             "| variant | graph 1 | graph 2 | outside | fused | Inductor's count | largest kernel |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "the graphs (a fused kernel's buffers counted whole); and the kernels Inductor "
+             "scheduled per graph (extern ones included), nearer what a GPU launches than the "
+             "C++ functions a CPU runs, which group several.", "",
+             "| variant | graph 1 | graph 2 | outside | fused | Inductor's count | kernels scheduled 1 / 2 "
+             "| largest kernel |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         c = row["compiled"]
         graphs = [f"{b / 1e9:,.2f}" for b in c["bytes_by_graph"][:2]] + ["—"] * (2 - len(c["bytes_by_graph"][:2]))
@@ -496,7 +500,8 @@ def _bytes_table(report) -> list:
                                            + ", ".join(top["buffers"]) + ")")
         lines.append(f"| {row['variant']} | {' | '.join(graphs)} | "
                      f"{outside_graph_bytes(c) / 1e9:,.2f} | {fused_bytes(row['eager'], c) / 1e9:,.2f} | "
-                     f"{c['inductor_graph_bytes'] / 1e9:,.2f} | {largest} |")
+                     f"{c['inductor_graph_bytes'] / 1e9:,.2f} | "
+                     f"{' / '.join(str(n) for n in c.get('kernels_by_graph', [])) or '—'} | {largest} |")
     return lines
 
 

@@ -119,6 +119,9 @@ def test_launches_end_to_end(tmp_path, capsys):
     assert 0 < compiled["graph_bytes"] == pytest.approx(sum(compiled["bytes_by_graph"]))
     assert compiled["graph_bytes"] <= compiled["inductor_graph_bytes"]  # never more than Inductor's
     assert len(compiled["bytes_by_graph"]) == 2  # data + forward + loss, backward
+    # every graph schedules kernels; a CPU runs them grouped into fewer C++ functions
+    assert len(compiled["kernels_by_graph"]) == 2 and min(compiled["kernels_by_graph"]) > 0
+    assert sum(compiled["kernels_by_graph"]) >= compiled["inductor_kernels"]
     assert row["flops_per_step"] > 0 and row["recipe_steps"] > 0
     for gpu in ("H100", "RTX 3090"):
         step = row["predicted"][gpu]["step_s"]
@@ -130,7 +133,9 @@ def test_launches_end_to_end(tmp_path, capsys):
     table = (out / "launches.md").read_text()
     assert "| baseline | RTX 3090 |" in table and "| baseline | H100 |" in table
     assert "Check: the paper's plain model" in table
-    assert "| variant | graph 1 | graph 2 | outside | fused | Inductor's count | largest kernel |" in table
+    assert ("| variant | graph 1 | graph 2 | outside | fused | Inductor's count | kernels scheduled 1 / 2 "
+            "| largest kernel |") in table
+    assert " / ".join(str(n) for n in compiled["kernels_by_graph"]) in table
     assert "| baseline |" in capsys.readouterr().out
 
 
