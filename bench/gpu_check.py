@@ -2,8 +2,8 @@
 
     python bench/gpu_check.py [--data ../shared/data/cifar-10-python.tar.gz]
 
-In about 8 minutes on a fresh H200 (measured before the profile part and the step's three
-probes, which add four compiles of mcls) it runs, in order (a part that fails is reported and
+In about 8 minutes on a fresh H200 (measured before the profile and probes parts, which add
+five compiles of mcls) it runs, in order (a part that fails is reported and
 the rest still run):
   1. tests       tests/test_cuda.py in a fresh process: no host syncs inside training steps,
                  the Triton kernels against their references on the device, compiled against
@@ -13,18 +13,20 @@ the rest still run):
   3. steps       --steps compiled training steps each of mcls and baseline as a run takes
                  them (after Trainer.prepare: compiled, and on CUDA replayed as a CUDA graph),
                  then as many unrecorded ones split into data+forward / backward / optimizer
-                 by CUDA events (on CPU by the clock, eager); then three probes of where
-                 mcls's time goes: its step with --kernels torch (Inductor's attention in place
-                 of ours), at 4x the batch (a step bound by per-kernel costs, not by bytes,
-                 takes about as long for 4x the images), and without AutoAugment (Inductor
-                 schedules 43 kernels for a step's data, 14 without it);
+                 by CUDA events (on CPU by the clock, eager);
   4. profile     20 replays of that mcls step under the profiler (bench/trace_step.py
                  --captured): its GPU kernels, their busy time against the step's, the gaps
                  between them, the ten longest, the time by kind of kernel (ours, matmuls,
                  Inductor's, optimizer); a trace to open in Perfetto;
-  5. table1      bench/throughput.py's forward and training throughput and memory of the
+  5. probes      the steps part's measurement of mcls with one thing changed, to tell where its
+                 time goes: --kernels torch (Inductor's attention in place of ours); 4x the
+                 batch (a step bound by per-kernel costs, not by bytes, takes about as long for
+                 4x the images); no AutoAugment (Inductor schedules 43 kernels for a step's
+                 data, 14 without it); Inductor's combo kernels (independent small kernels, such
+                 as the ~110 casts of weights to bf16 a step, launched a few at a time);
+  6. table1      bench/throughput.py's forward and training throughput and memory of the
                  baseline at --batch-sizes (eager: a compile per batch size would not fit);
-  6. epoch       one epoch of mcls through speedrun.train (compiled: warm-up, then the timed run
+  7. epoch       one epoch of mcls through speedrun.train (compiled: warm-up, then the timed run
                  with its final evaluation), extrapolated to the full recipe.
 --parts runs some of them, in the order given (on a short lease: the step first). Writes
 gpu_check.md and gpu_check.json into --out (default bench/results/gpu_check-<device>/), rewritten
@@ -44,6 +46,7 @@ import traceback
 import dataclasses
 
 import torch
+import torch._inductor.config  # the probes patch it
 
 import common
 import throughput
@@ -53,7 +56,7 @@ from common import UsageError, kernels, speedrun
 DEFAULT_DATA = os.path.join(common.ROOT, "..", "shared", "data", "cifar-10-python.tar.gz")
 # data and forward are one compiled graph (the step reads nothing from the host), so one phase
 PHASES = ("data+forward", "backward", "optimizer")
-PARTS = ("tests", "kernels", "steps", "profile", "table1", "epoch")
+PARTS = ("tests", "kernels", "steps", "profile", "probes", "table1", "epoch")
 
 
 def build_parser() -> common.Parser:
@@ -137,20 +140,22 @@ class PhaseTimer:
         return {n: 1000 * sum(s) / max(len(s), 1) for n, s in self.spans.items()}
 
 
-def step_rows(mcls, baseline) -> list:
-    """The configurations the steps part times: (label, config). The probes change one thing of
-    mcls each; a probe's failure is its row's, not the part's."""
-    return [("mcls", mcls), ("baseline", baseline),
-            ("mcls, kernels torch", dataclasses.replace(mcls, kernels="torch")),
-            ("mcls, 4x batch", dataclasses.replace(mcls, batch_size=4 * mcls.batch_size)),
-            ("mcls, no AutoAugment", dataclasses.replace(mcls, autoaugment=False))]
+def probe_rows(mcls) -> list:
+    """(label, config, Inductor options) of the probes: mcls with one thing changed each."""
+    return [("mcls, kernels torch", dataclasses.replace(mcls, kernels="torch"), {}),
+            ("mcls, 4x batch", dataclasses.replace(mcls, batch_size=4 * mcls.batch_size), {}),
+            ("mcls, no AutoAugment", dataclasses.replace(mcls, autoaugment=False), {}),
+            ("mcls, combo kernels", mcls, {"combo_kernels": True})]
 
 
 def time_rows(rows, data, device, steps: int) -> list:
+    """time_steps of each (label, config, Inductor options); a row's failure is its own, not
+    the part's."""
     timed = []
-    for label, cfg in rows:
+    for label, cfg, options in rows:
         try:
-            timed.append({"label": label, **time_steps(cfg, data, device, steps)})
+            with torch._inductor.config.patch(options):
+                timed.append({"label": label, **time_steps(cfg, data, device, steps)})
         except Exception as e:  # noqa: BLE001  the other rows still say what they measured
             traceback.print_exc()
             timed.append({"label": label, "variant": cfg.variant, "batch_size": cfg.batch_size,
@@ -272,13 +277,15 @@ def markdown(report) -> str:
             lines.append(f"- **{name}**: skipped: {part['skipped']}")
         elif "error" in part:
             lines.append(f"- **{name}**: FAILED: {part['error']}")
-    if "steps" in parts and "rows" in parts["steps"]:
-        lines += ["", "### Training step, phase by phase (mean ms)", "",
+    for part, title in (("steps", "Training step"), ("probes", "Probes: mcls with one thing changed")):
+        if "rows" not in parts.get(part, {}):
+            continue
+        lines += ["", f"### {title}, phase by phase (mean ms)", "",
                   "| row | batch | kernels | compiled | CUDA graph | step ms | img/s | "
                   "data+forward / backward / optimizer ms (unrecorded) |",
                   "|---|---:|---|---|---|---:|---:|---:|"]
         yes = lambda flag: "yes" if flag else "no"
-        for r in parts["steps"]["rows"]:
+        for r in parts[part]["rows"]:
             if "error" in r:
                 lines.append(f"| {r['label']} | {r['batch_size']} | FAILED: {r['error']} ||||||")
                 continue
@@ -361,6 +368,7 @@ def figures(parts) -> list:
                               f"configurations match; worst {p['worst']['kind']} {p['worst']['dtype']} "
                               f"{p['worst']['lsa']}: {p['worst']['worst_error']:.1e}"),
         "steps": steps,
+        "probes": steps,
         "profile": prof,
         "table1": t1,
         "epoch": lambda p: (f"mcls full recipe about {p['recipe_s'] / 60:.1f} min "
@@ -417,7 +425,9 @@ def run(argv=None) -> int:
     runs = {
         "tests": run_cuda_tests,
         "kernels": lambda: run_kernel_sweep(device),
-        "steps": lambda: {"rows": time_rows(step_rows(mcls, baseline), data, device, steps)},
+        "steps": lambda: {"rows": time_rows([("mcls", mcls, {}), ("baseline", baseline, {})], data,
+                                            device, steps)},
+        "probes": lambda: {"rows": time_rows(probe_rows(mcls), data, device, steps)},
         "profile": lambda: profile_step(mcls, data, device, os.path.join(out, "profile-mcls")),
         "table1": lambda: {"precision": "bf16" if cuda else "auto",
                            "rows": table1(dataclasses.replace(baseline, compile="off"), batch_sizes,

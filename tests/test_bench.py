@@ -396,10 +396,11 @@ def test_gpu_check_reduced_form_on_cpu(tiny_cifar, tmp_path, capsys):
     steps = parts["steps"]["rows"]
     assert [(r["label"], r["variant"], r["batch_size"], r["kernels"], r["steps"], r["compiled"])
             for r in steps] == [("mcls", "mcls", 64, "torch", 2, False),
-                                ("baseline", "baseline", 64, "torch", 2, False),
-                                ("mcls, kernels torch", "mcls", 64, "torch", 2, False),
-                                ("mcls, 4x batch", "mcls", 256, "torch", 2, False),
-                                ("mcls, no AutoAugment", "mcls", 64, "torch", 2, False)]
+                                ("baseline", "baseline", 64, "torch", 2, False)]
+    probes = parts["probes"]["rows"]  # mcls with one thing changed each
+    assert [(r["label"], r["batch_size"], r["kernels"]) for r in probes] == [
+        ("mcls, kernels torch", 64, "torch"), ("mcls, 4x batch", 256, "torch"),
+        ("mcls, no AutoAugment", 64, "torch"), ("mcls, combo kernels", 64, "torch")]
     for r in steps:
         assert set(r["phase_ms"]) == set(G.PHASES) and min(r["phase_ms"].values()) > 0
         assert r["cuda_graph"] is False
@@ -414,31 +415,41 @@ def test_gpu_check_reduced_form_on_cpu(tiny_cifar, tmp_path, capsys):
     assert epoch["recipe_s"] > epoch["train_s"] * 1000
     printed = capsys.readouterr().out
     figures = printed.split("\n\n")[-2].splitlines()
-    assert [f.split(":")[0] for f in figures] == ["tests", "kernels", "steps", "profile", "table1",
-                                                      "epoch"]
+    assert [f.split(":")[0] for f in figures] == ["tests", "kernels", "steps", "profile", "probes",
+                                                      "table1", "epoch"]
     report = (out / "gpu_check.md").read_text()
     assert "## Figures" in report and "profile: mcls step" in report
     assert "| mcls | 64 | torch | no | no |" in report and "| mcls, 4x batch | 256 | torch | no | no |" in report
+    assert "### Probes: mcls with one thing changed" in report
 
 
-def test_gpu_check_a_failing_step_probe_fails_its_row_only(tiny_cifar, tmp_path, monkeypatch, capsys):
+def test_gpu_check_a_failing_probe_fails_its_row_only(tiny_cifar, tmp_path, monkeypatch, capsys):
     """A probe that breaks on a GPU (a kernel backend that will not compile there) costs its row:
-    the other rows and parts still report, and the check exits 1."""
+    the other rows and parts still report, and the check exits 1. Each probe's Inductor options
+    hold while it runs, and only then."""
     import gpu_check as G
     real = G.time_steps
 
+    seen = []
+
     def breaks_on_big_batches(cfg, *a, **k):
+        seen.append((cfg.kernels, cfg.batch_size, cfg.autoaugment, torch._inductor.config.combo_kernels))
         if cfg.batch_size > 64:
             raise RuntimeError("out of luck")
         return real(cfg, *a, **k)
     monkeypatch.setattr(G, "time_steps", breaks_on_big_batches)
     out = tmp_path / "check"
     argv = ["--device", "cpu", "--set", "width=32", "depth=1", "heads=2", "--steps", "1",
-            "--parts", "steps", "--out", str(out)]
+            "--parts", "steps", "probes", "--out", str(out)]
     assert G.main(argv) == 1
-    rows = json.load(open(out / "gpu_check.json"))["parts"]["steps"]["rows"]
-    assert ["error" in r for r in rows] == [False, False, False, True, False]
-    assert rows[3]["error"] == "RuntimeError: out of luck"
+    parts = json.load(open(out / "gpu_check.json"))["parts"]
+    assert ["error" in r for r in parts["steps"]["rows"]] == [False, False]
+    rows = parts["probes"]["rows"]
+    assert ["error" in r for r in rows] == [False, True, False, False]
+    assert rows[1]["error"] == "RuntimeError: out of luck"
+    assert seen[2:] == [("torch", 64, True, False), ("auto", 256, True, False),
+                        ("auto", 64, False, False), ("auto", 64, True, True)]
+    assert not torch._inductor.config.combo_kernels
     assert "mcls, 4x batch FAILED (RuntimeError: out of luck)" in (out / "gpu_check.md").read_text()
     assert "| mcls, 4x batch | 256 | FAILED: RuntimeError: out of luck |" in (out / "gpu_check.md").read_text()
 
