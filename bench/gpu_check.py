@@ -3,8 +3,7 @@
     python bench/gpu_check.py [--data ../shared/data/cifar-10-python.tar.gz]
 
 In about 8 minutes on a fresh H200 (measured before the profile and probes parts, which add
-five compiles of mcls) it runs, in order (a part that fails is reported and
-the rest still run):
+five compiles of mcls) it runs, in order (a part that fails is reported and the rest still run):
   1. tests       tests/test_cuda.py in a fresh process: no host syncs inside training steps,
                  the Triton kernels against their references on the device, compiled against
                  eager losses, no recompiles after the warm-up;
