@@ -44,7 +44,8 @@ class DataError(Exception):
     """A user-facing one-line message; the trainer prints it and exits with code 2."""
 
 
-def _one_line(err):
+def one_line(err) -> str:
+    """An exception as one line, its type first (for messages that must stay one line)."""
     return " ".join(f"{type(err).__name__}: {err}".split())
 
 
@@ -138,7 +139,7 @@ def _download(root, log):
                                 f"expected {CIFAR_MD5}); try again, or download it by hand and {_HELP}")
         return dest
     except (OSError, http.client.HTTPException, ValueError) as err:  # URLError is an OSError
-        raise DataError(f"could not download {CIFAR_URL} ({_one_line(err)}); download it by hand "
+        raise DataError(f"could not download {CIFAR_URL} ({one_line(err)}); download it by hand "
                         f"and {_HELP}") from None
 
 
@@ -180,7 +181,7 @@ def _unpickle_batch(raw, where):
     try:  # encoding="bytes" reads the official Python-2 pickles; Python-3 ones keep str keys
         batch = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as err:
-        raise DataError(f"{where}: not a CIFAR-10 batch pickle ({_one_line(err)})") from None
+        raise DataError(f"{where}: not a CIFAR-10 batch pickle ({one_line(err)})") from None
     if not isinstance(batch, dict):
         raise DataError(f"{where}: holds a {type(batch).__name__}, expected a dict with data and labels")
     batch = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in batch.items()}
@@ -190,7 +191,7 @@ def _unpickle_batch(raw, where):
     try:
         labels = np.asarray(batch["labels"])
     except Exception as err:  # e.g. ragged lists
-        raise DataError(f"{where}: labels are not a list of integers ({_one_line(err)})") from None
+        raise DataError(f"{where}: labels are not a list of integers ({one_line(err)})") from None
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 2
             and images.shape[1] == 3072):
         shape = getattr(images, "shape", None)
@@ -232,7 +233,7 @@ def _read_batches(source):
             while tar.fileobj.read(1 << 20):  # to the end: only gzip's CRC sees a flipped pixel bit
                 pass
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        raise DataError(f"{source}: cannot be read ({_one_line(err)}); re-download it or {_HELP}") from None
+        raise DataError(f"{source}: cannot be read ({one_line(err)}); re-download it or {_HELP}") from None
     missing = [name for name in _BATCHES if name not in raw]
     if missing:
         raise DataError(f"{source}: archive has no {_FOLDER}/{missing[0]}; not the official {_ARCHIVE} layout")
@@ -263,7 +264,7 @@ def _stamp(source):
                     crc = zlib.crc32(chunk, crc)
             stamp += [os.path.getsize(path), crc]
     except OSError as err:
-        raise DataError(f"{source}: cannot be read ({_one_line(err)}); re-download it or {_HELP}") from None
+        raise DataError(f"{source}: cannot be read ({one_line(err)}); re-download it or {_HELP}") from None
     return stamp
 
 
@@ -313,7 +314,7 @@ def _save_cache(path, meta, arrays, log):
         with atomic_write(path) as f:  # a reader never sees half a cache
             torch.save({**arrays, "meta": meta, "crc": _checksum(arrays)}, f)
     except (OSError, RuntimeError) as err:  # a full disk: torch.save's writer raises RuntimeError
-        log(f"not caching CIFAR-10 in {folder} ({_one_line(err)})")
+        log(f"not caching CIFAR-10 in {folder} ({one_line(err)})")
         return False
     log(f"cached decoded CIFAR-10 in {path}")
     return True

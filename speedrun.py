@@ -1338,7 +1338,7 @@ def save_checkpoint(state: dict, path: str) -> Optional[str]:
         with data_gpu.atomic_write(path) as f:
             torch.save(state, f)
     except (OSError, RuntimeError) as e:  # a full disk: torch.save's writer raises RuntimeError
-        return " ".join(f"{type(e).__name__}: {e}".split())
+        return data_gpu.one_line(e)
     return None
 
 

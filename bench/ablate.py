@@ -301,7 +301,7 @@ def run_all(args, clock=time.monotonic) -> int:
             raise  # the same data for every variant: nothing else can run either
         except Exception as e:  # a failed variant must not cost the rest of a long ablation
             failures += 1
-            message = " ".join(f"{type(e).__name__}: {e}".split())
+            message = data_gpu.one_line(e)
             rows.append(make_row(name, "failed", error=message))
             print(f"ablate [{i + 1}/{len(runs)}] {name}: failed: {message}", flush=True)
             write_results(rows, args)

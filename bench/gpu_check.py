@@ -158,7 +158,7 @@ def time_rows(rows, data, device, steps: int) -> list:
         except Exception as e:  # noqa: BLE001  the other rows still say what they measured
             traceback.print_exc()
             timed.append({"label": label, "variant": cfg.variant, "batch_size": cfg.batch_size,
-                          "error": " ".join(f"{type(e).__name__}: {e}".split())[:200]})
+                          "error": speedrun.data_gpu.one_line(e)[:200]})
     return timed
 
 
@@ -276,6 +276,7 @@ def markdown(report) -> str:
             lines.append(f"- **{name}**: skipped: {part['skipped']}")
         elif "error" in part:
             lines.append(f"- **{name}**: FAILED: {part['error']}")
+    yes = lambda flag: "yes" if flag else "no"
     for part, title in (("steps", "Training step"), ("probes", "Probes: mcls with one thing changed")):
         if "rows" not in parts.get(part, {}):
             continue
@@ -283,7 +284,6 @@ def markdown(report) -> str:
                   "| row | batch | kernels | compiled | CUDA graph | step ms | img/s | "
                   "data+forward / backward / optimizer ms (unrecorded) |",
                   "|---|---:|---|---|---|---:|---:|---:|"]
-        yes = lambda flag: "yes" if flag else "no"
         for r in parts[part]["rows"]:
             if "error" in r:
                 lines.append(f"| {r['label']} | {r['batch_size']} | FAILED: {r['error']} ||||||")
@@ -408,7 +408,7 @@ def run(argv=None) -> int:
             parts[part] = fn()
         except Exception as e:  # one failing part must not hide what the others would show
             traceback.print_exc()
-            parts[part] = {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}
+            parts[part] = {"error": speedrun.data_gpu.one_line(e)[:300]}
         parts[part]["seconds"] = round(time.perf_counter() - t, 1)
 
     no_cuda = "needs CUDA; this machine has none usable"

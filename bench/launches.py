@@ -501,7 +501,7 @@ def _bytes_table(report) -> list:
         lines.append(f"| {row['variant']} | {' | '.join(graphs)} | "
                      f"{outside_graph_bytes(c) / 1e9:,.2f} | {fused_bytes(row['eager'], c) / 1e9:,.2f} | "
                      f"{c['inductor_graph_bytes'] / 1e9:,.2f} | "
-                     f"{' / '.join(str(n) for n in c.get('kernels_by_graph', [])) or '—'} | {largest} |")
+                     f"{' / '.join(str(n) for n in c['kernels_by_graph'])} | {largest} |")
     return lines
 
 

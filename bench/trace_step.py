@@ -207,8 +207,9 @@ def read_kernels(events: list, top: int = 10) -> Optional[dict]:
     mean = {k: statistics.fmean(s[k] for s in per_step) for k in per_step[0]}
     by_kind = {}
     for name, (calls, us) in by_name.items():
-        kind_calls, kind_us = by_kind.get(kernel_kind(name), (0, 0.0))
-        by_kind[kernel_kind(name)] = (kind_calls + calls, kind_us + us)
+        kind = kernel_kind(name)
+        kind_calls, kind_us = by_kind.get(kind, (0, 0.0))
+        by_kind[kind] = (kind_calls + calls, kind_us + us)
 
     def rows(totals, key):
         return [{key: name, "calls": calls / n, "ms": us / n / 1000, "mean_us": us / calls,
